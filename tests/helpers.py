@@ -1,0 +1,66 @@
+"""Shared test helpers: random weights that keep parity tests sensitive, torch -> MLX weight transfer, errors.
+
+Weight init follows ../shared/notes/reference-facts.md: N(0, gain^2 / fan_in) for matrices, norms ~1, biases small.
+With N(0, 0.02) a tiny model's output barely depends on its inputs and a broken component can still "match".
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+import mlx_diffusion  # noqa: F401  (interposes the fast BLAS before mlx.core)
+import mlx.core as mx
+
+ASSETS = Path(__file__).parent / "assets"
+CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
+T5_TOKENIZER = ASSETS / "tokenizers" / "t5"
+
+
+def init_weights_(module, gain: float = 1.0, seed: int = 0):
+    """Re-initialise a torch module in place: N(0, gain^2/fan_in) weights, norm scales ~1, small biases."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            is_norm = any(s in name for s in ("norm", "ln_", "layer_norm", "layernorm")) and p.ndim == 1
+            if p.ndim == 1 and (is_norm or leaf == "weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1 or leaf == "bias":
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            elif "embed" in name.lower() or "shared" in name or "relative_attention_bias" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (gain if p.ndim == 2 else gain / math.sqrt(p.shape[-1])))
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=g) * (gain / math.sqrt(fan_in)))
+    return module
+
+
+def torch_to_mlx(state_dict, dtype=mx.float32) -> dict:
+    """torch state_dict -> {name: mx.array} in MLX layout (conv weights OIHW -> OHWI), names unchanged."""
+    from mlx_diffusion.weights import to_mlx_layout
+
+    out = {}
+    for k, v in state_dict.items():
+        a = v.detach().float().cpu().numpy()
+        out[k] = mx.array(to_mlx_layout(k, a)).astype(dtype)
+    return out
+
+
+def to_np(x) -> np.ndarray:
+    if isinstance(x, mx.array):
+        return np.array(x.astype(mx.float32))
+    if hasattr(x, "detach"):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def max_rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref|: the per-component parity metric (float32 target ~1e-4)."""
+    a, b = to_np(ours), to_np(ref)
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
