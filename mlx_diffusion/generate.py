@@ -1,0 +1,102 @@
+"""Command line: `python -m mlx_diffusion.generate --model PATH --prompt TEXT [options]` writes one PNG.
+
+The PNG's text chunks hold the prompt, seed, steps, guidance, size and model, so an image says how to make it again.
+User mistakes end with a one-line error and a non-zero exit, before any long work starts, and nothing is written:
+the image goes to a temporary file in the target folder and is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from . import _blas
+
+
+def _check_output(path: Path):
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.suffix.lower() != ".png":
+        raise click.BadParameter(f"{path} must end in .png", param_hint="--output")
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a folder", param_hint="--output")
+    if not folder.is_dir():
+        raise click.BadParameter(f"folder {folder} does not exist", param_hint="--output")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {folder} is not writable", param_hint="--output")
+
+
+def save_png(image, path: Path, settings: dict):
+    """Write atomically: a temporary sibling, then rename."""
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    for k, v in settings.items():
+        meta.add_itxt(k, v)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="A converted MLX model folder (tools/convert.py).")
+@click.option("--prompt", required=True, help="What to draw.")
+@click.option("--negative-prompt", default=None, help="What to avoid (SD3; FLUX only with --true-cfg > 1).")
+@click.option("--steps", type=int, default=None, help="Denoising steps [schnell 4, dev 28, SD3 28].")
+@click.option("--guidance", type=float, default=None, help="Guidance scale [dev 3.5, SD3 7.0; unused by schnell].")
+@click.option("--true-cfg", "true_cfg_scale", type=float, default=None,
+              help="FLUX only: true classifier-free guidance scale with --negative-prompt (as diffusers' true_cfg_scale).")
+@click.option("--width", type=int, default=None, help="Image width in pixels [1024].")
+@click.option("--height", type=int, default=None, help="Image height in pixels [1024].")
+@click.option("--seed", type=int, default=None, help="Random seed [random]; the same seed gives the same image.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="PNG file to write [image-SEED.png].")
+@click.option("--quiet", is_flag=True, help="No progress bar or timings.")
+def main(model_path, prompt, negative_prompt, steps, guidance, true_cfg_scale, width, height, seed, output, quiet):
+    """Generate an image from a text prompt."""
+    from .pipeline import InputError, load_pipeline
+    from .weights import WeightsError
+
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    if seed < 0 or seed >= 2**64:
+        raise click.BadParameter("must be between 0 and 2**64 - 1", param_hint="--seed")
+    output = output or Path(f"image-{seed}.png")
+    _check_output(output)
+    options = {}
+    if true_cfg_scale is not None:
+        options["true_cfg_scale"] = true_cfg_scale
+    say = (lambda *a: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    try:
+        t0 = time.perf_counter()
+        pipe = load_pipeline(model_path, progress=not quiet)
+        image = pipe.generate(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, width=width,
+                              height=height, seed=seed, **options)
+    except (InputError, WeightsError) as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else e.__class__.__name__) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    settings = pipe.last_settings.as_text()
+    save_png(image, output, settings)
+    st = pipe.last_stats
+    times = ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in st.seconds.items())
+    say(f"{times}; total {time.perf_counter() - t0:.2f} s")
+    say(f"peak memory: MLX {st.peak_memory_gb:.2f} GB, process {st.peak_rss_gb:.2f} GB"
+        + ("" if _blas.loaded_path or sys.platform != "linux" else " (no fast BLAS)"))
+    click.echo(str(output))
+
+
+if __name__ == "__main__":
+    main()

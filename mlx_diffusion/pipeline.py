@@ -1,0 +1,308 @@
+"""Text-to-image pipelines over converted MLX model folders: one skeleton, FLUX and SD3 where they differ.
+
+`generate` runs three stages, each loading only what it needs: the text encoders are evaluated and released before
+denoising (T5-XXL alone is ~9.5 GB at bf16), then the transformer denoises with the shared flow-match Euler
+sampler, then the VAE decodes. Numbers follow diffusers' pipelines step by step, so that with the same weights and
+the same initial latents the images agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import mlx.core as mx
+
+from .components import kind_of
+from .convert import INFO_FILE
+from .sampler import FlowMatchEulerScheduler, SchedulerConfig, calculate_shift
+from .weights import WeightsError, load_component, read_json
+
+
+class InputError(ValueError):
+    """A bad argument from the user; the message is one line."""
+
+
+@dataclass
+class Settings:
+    """What produced an image: enough to reproduce it, and what the PNG's text chunks hold."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int | None
+    steps: int
+    guidance: float | None
+    width: int
+    height: int
+    model: str
+    true_cfg_scale: float | None = None
+
+    def as_text(self) -> dict:
+        return {k: "" if v is None else str(v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Stats:
+    seconds: dict = field(default_factory=dict)
+    peak_memory_gb: float = 0.0  # MLX allocator peak
+    peak_rss_gb: float = 0.0  # process peak resident set
+
+
+def _peak_rss_gb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1 << 30) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _free():
+    mx.clear_cache()
+
+
+class Pipeline:
+    """Shared skeleton; subclasses implement `encode`, `prepare`, `predict` and `to_vae_latents`."""
+
+    family = ""
+    latent_channels_divisor = 1  # transformer in_channels per latent channel (FLUX packs 2x2 -> 4)
+
+    def __init__(self, path: Path, info: dict, dtype=None, keep_text_encoders=False, progress=True):
+        self.path, self.info = path, info
+        self.dtype = dtype if dtype is not None else (mx.float32 if mx.default_device() == mx.cpu else None)
+        self.keep_text_encoders = keep_text_encoders
+        self.progress = progress
+        self.scheduler_config = SchedulerConfig.from_folder(path / "scheduler")
+        self.transformer_config = read_json(path / "transformer" / "config.json")
+        self.vae_config = read_json(path / "vae" / "config.json")
+        self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
+        self._models = {}
+        self.last_stats = Stats()
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    def model(self, component: str):
+        """Load a component once and keep it until `release`."""
+        if component not in self._models:
+            folder = self.path / component
+            kind = kind_of(read_json(folder / "config.json"), str(folder))
+            model_cls, config_cls = kind.classes()
+            self._models[component] = load_component(folder, model_cls, config_cls, dtype=self.dtype)
+        return self._models[component]
+
+    def release(self, *components):
+        for c in components:
+            self._models.pop(c, None)
+        _free()
+
+    def has(self, component: str) -> bool:
+        return (self.path / component / "config.json").is_file()
+
+    # -- defaults and checks --------------------------------------------------------------------------------------
+    default_steps = 28
+    default_guidance: float | None = None
+
+    @property
+    def default_size(self) -> int:
+        return 128 * self.vae_scale_factor  # diffusers: default_sample_size 128 (1024 px for the real models)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer_config.get("patch_size", 2) if self.family == "sd3" else 2)
+
+    def _check(self, prompt, steps, width, height, latents):
+        if not isinstance(prompt, str):
+            raise InputError("prompt must be a string")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise InputError(f"steps must be a positive integer, got {steps!r}")
+        m = self.size_multiple
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % m:
+                raise InputError(f"{name} must be a positive multiple of {m}, got {v!r}")
+        shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and tuple(np.shape(latents)) != shape:
+            raise InputError(f"latents must have shape {shape} for {width}x{height}, got {tuple(np.shape(latents))}")
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae_config.get("latent_channels", 16))
+
+    # -- the run ---------------------------------------------------------------------------------------------------
+    def generate(self, prompt: str, *, negative_prompt: str | None = None, steps: int | None = None,
+                 guidance: float | None = None, width: int | None = None, height: int | None = None,
+                 seed: int | None = None, latents=None, output_type: str = "pil", **options):
+        """Generate one image. `latents`: optional initial noise (1, C, height/8, width/8) in diffusers' layout.
+
+        output_type "pil" returns a PIL image, "np" float32 (H, W, 3) in [0, 1] like diffusers' output_type="np".
+        The settings used are in `self.last_settings`, timings and peak memory in `self.last_stats`.
+        """
+        steps = self.default_steps if steps is None else steps
+        guidance = self.default_guidance if guidance is None else guidance
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
+        if output_type not in ("pil", "np"):
+            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        self._check(prompt, steps, width, height, latents)
+        if latents is None and seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        self.last_settings = Settings(prompt, negative_prompt, seed if latents is None else None, steps, guidance,
+                                      width, height, str(self.path))
+        stats = self.last_stats = Stats()
+        mx.reset_peak_memory()
+
+        t0 = time.perf_counter()
+        cond = self.encode(prompt, negative_prompt, guidance, **options)
+        stats.seconds["text_encoding"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if latents is None:
+            shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            noise = mx.random.normal(shape, key=mx.random.key(seed))
+        else:
+            noise = mx.array(np.asarray(latents, dtype=np.float32))
+        x, scheduler = self.prepare(noise, steps)
+        x = x.astype(self.compute_dtype)
+        from tqdm import tqdm
+
+        for i in tqdm(range(steps), desc="denoising", disable=not self.progress, file=sys.stderr, leave=False):
+            v = self.predict(x, float(scheduler.timesteps[i]), cond, guidance)
+            x = scheduler.step(v, i, x)
+            mx.eval(x)
+        del cond
+        _free()
+        stats.seconds["denoising"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        image = self.decode(self.to_vae_latents(x, height, width))
+        stats.seconds["decoding"] = time.perf_counter() - t0
+        stats.peak_memory_gb = mx.get_peak_memory() / (1 << 30)
+        stats.peak_rss_gb = _peak_rss_gb()
+        image = np.array(image[0].astype(mx.float32))
+        if output_type == "np":
+            return image
+        from PIL import Image
+
+        return Image.fromarray((image * 255).round().astype(np.uint8))
+
+    @property
+    def compute_dtype(self):
+        return self.dtype or mx.bfloat16
+
+    def decode(self, z):
+        """Diffusers' `latents / scaling_factor + shift_factor`, `vae.decode`, then `(x / 2 + 0.5).clamp(0, 1)`."""
+        cfg = self.vae_config
+        z = z / cfg.get("scaling_factor", 1.0) + (cfg.get("shift_factor") or 0.0)
+        vae = self.model("vae")
+        image = vae.decode(z.transpose(0, 2, 3, 1).astype(self.compute_dtype))
+        image = mx.clip(image / 2 + 0.5, 0.0, 1.0)
+        mx.eval(image)
+        return image
+
+    # family hooks
+    def encode(self, prompt, negative_prompt, guidance, **options):
+        raise NotImplementedError
+
+    def prepare(self, noise, steps):
+        raise NotImplementedError
+
+    def predict(self, x, t, cond, guidance):
+        raise NotImplementedError
+
+    def to_vae_latents(self, x, height, width):
+        raise NotImplementedError
+
+
+class FluxPipeline(Pipeline):
+    """FLUX.1 schnell/dev as diffusers' FluxPipeline: CLIP pooled + T5 sequence, 2x2-packed latents, RoPE ids."""
+
+    family = "flux"
+
+    def __init__(self, *args, max_sequence_length=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.is_dev = bool(self.transformer_config.get("guidance_embeds"))
+        self.default_steps = 28 if self.is_dev else 4
+        self.default_guidance = 3.5 if self.is_dev else None
+        self.max_sequence_length = max_sequence_length or (512 if self.is_dev else 256)
+        from .tokenizers import CLIPTokenizer, T5Tokenizer
+
+        self.clip_tokenizer = CLIPTokenizer.from_folder(self.path / "tokenizer")
+        self.t5_tokenizer = T5Tokenizer.from_folder(self.path / "tokenizer_2")
+
+    def _encode_one(self, prompt):
+        clip = self.model("text_encoder")
+        ids = mx.array(self.clip_tokenizer([prompt], max_length=self.clip_tokenizer.model_max_length))
+        pooled = clip(ids).pooler_output
+        t5 = self.model("text_encoder_2")
+        seq = t5(mx.array(self.t5_tokenizer([prompt], max_length=self.max_sequence_length)))
+        mx.eval(pooled, seq)
+        return seq.astype(self.compute_dtype), pooled.astype(self.compute_dtype)
+
+    def encode(self, prompt, negative_prompt, guidance, true_cfg_scale: float = 1.0):
+        cond = {"pos": self._encode_one(prompt), "true_cfg_scale": true_cfg_scale}
+        if true_cfg_scale > 1 and negative_prompt is not None:  # diffusers: true CFG only with a negative prompt
+            cond["neg"] = self._encode_one(negative_prompt)
+            self.last_settings.true_cfg_scale = true_cfg_scale
+        if not self.keep_text_encoders:
+            self.release("text_encoder", "text_encoder_2")
+        return cond
+
+    def prepare(self, noise, steps):
+        from .flux import pack_latents, prepare_ids
+
+        _, _, h, w = noise.shape
+        x = pack_latents(noise)
+        self._img_ids, self._txt_ids = prepare_ids(h // 2, w // 2, self.max_sequence_length)
+        scheduler = FlowMatchEulerScheduler(self.scheduler_config)
+        c = self.scheduler_config
+        mu = calculate_shift(x.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift or 0.5,
+                             c.max_shift or 1.15)
+        scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        return x, scheduler
+
+    def predict(self, x, t, cond, guidance):
+        transformer = self.model("transformer")
+        dt = self.compute_dtype
+        timestep = mx.array([t], dtype=dt) / 1000
+        g = mx.array([guidance], dtype=mx.float32) if self.is_dev else None
+
+        def run(seq, pooled):
+            return transformer(x, seq, pooled, timestep, self._img_ids, self._txt_ids, g)
+
+        v = run(*cond["pos"])
+        if "neg" in cond:
+            neg = run(*cond["neg"])
+            v = neg + cond["true_cfg_scale"] * (v - neg)
+        return v
+
+    def to_vae_latents(self, x, height, width):
+        from .flux import unpack_latents
+
+        return unpack_latents(x, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+
+_FAMILIES = {"flux": FluxPipeline}
+
+
+def load_pipeline(path, *, dtype=None, progress=True, **kwargs) -> Pipeline:
+    """Open a converted MLX model folder (see tools/convert.py)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise WeightsError(f"model folder {path} does not exist")
+    info_file = path / INFO_FILE
+    if not info_file.is_file():
+        hint = " (a diffusers folder: convert it first with tools/convert.py)" if (path / "model_index.json").exists() else ""
+        raise WeightsError(f"{path} is not an mlx_diffusion model folder: no {INFO_FILE}{hint}")
+    info = read_json(info_file)
+    family = info.get("family")
+    if family not in _FAMILIES:
+        raise WeightsError(f"{info_file}: unknown model family {family!r}")
+    for c in ("transformer", "vae", "scheduler"):
+        if not (path / c).is_dir():
+            raise WeightsError(f"{path}: component folder {c}/ is missing")
+    return _FAMILIES[family](path, info, dtype=dtype, progress=progress, **kwargs)
