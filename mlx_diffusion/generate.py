@@ -19,15 +19,19 @@ from . import _blas
 
 
 def _check_output(path: Path):
+    """Refuse an output we could not write before any work starts (a real write probe: root ignores modes)."""
     folder = path.parent if str(path.parent) else Path(".")
-    if path.suffix.lower() != ".png":
-        raise click.BadParameter(f"{path} must end in .png", param_hint="--output")
     if path.is_dir():
         raise click.BadParameter(f"{path} is a folder", param_hint="--output")
+    if path.suffix.lower() != ".png":
+        raise click.BadParameter(f"{path} must end in .png", param_hint="--output")
     if not folder.is_dir():
         raise click.BadParameter(f"folder {folder} does not exist", param_hint="--output")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"folder {folder} is not writable", param_hint="--output")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise click.BadParameter(f"cannot write in {folder} ({e.strerror})", param_hint="--output") from None
 
 
 def save_png(image, path: Path, settings: dict):
@@ -85,9 +89,6 @@ def main(model_path, prompt, negative_prompt, steps, guidance, true_cfg_scale, w
                               height=height, seed=seed, **options)
     except (InputError, WeightsError) as e:
         raise click.ClickException(str(e).splitlines()[0] if str(e) else e.__class__.__name__) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
     settings = pipe.last_settings.as_text()
     save_png(image, output, settings)
     st = pipe.last_stats
@@ -98,5 +99,17 @@ def main(model_path, prompt, negative_prompt, steps, guidance, true_cfg_scale, w
     click.echo(str(output))
 
 
+def run(command, args=None):
+    """Run a click command with every user error on one line ("Error: ..."), no usage banner, no traceback."""
+    try:
+        command.main(args=args, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"Error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+
+
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -23,7 +23,7 @@ import mlx.core as mx
 from .components import kind_of
 from .convert import INFO_FILE
 from .sampler import FlowMatchEulerScheduler, SchedulerConfig, calculate_shift
-from .weights import WeightsError, load_component, read_json
+from .weights import WEIGHTS_FILE, SafetensorsFile, WeightsError, load_component, read_json
 
 
 class InputError(ValueError):
@@ -305,4 +305,7 @@ def load_pipeline(path, *, dtype=None, progress=True, **kwargs) -> Pipeline:
     for c in ("transformer", "vae", "scheduler"):
         if not (path / c).is_dir():
             raise WeightsError(f"{path}: component folder {c}/ is missing")
+    for c in info.get("components", {}):  # fail now, not after minutes of work: headers, sizes and configs
+        kind_of(read_json(path / c / "config.json"), str(path / c))
+        SafetensorsFile(path / c / WEIGHTS_FILE)
     return _FAMILIES[family](path, info, dtype=dtype, progress=progress, **kwargs)

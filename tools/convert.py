@@ -17,6 +17,7 @@ import click  # noqa: E402
 
 import mlx_diffusion  # noqa: E402,F401  (before mlx.core: fast BLAS)
 from mlx_diffusion.convert import BITS, DTYPES, GROUP_SIZES, convert  # noqa: E402
+from mlx_diffusion.generate import run  # noqa: E402
 from mlx_diffusion.weights import WeightsError  # noqa: E402
 
 
@@ -37,10 +38,7 @@ def main(source, out, bits, group_size, dtype, force, quiet):
                 force=force, progress=not quiet)
     except WeightsError as e:
         raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

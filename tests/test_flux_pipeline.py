@@ -1,0 +1,106 @@
+"""Whole FLUX pipeline vs diffusers' FluxPipeline on the same tiny random weights and the same initial latents."""
+
+import numpy as np
+import pytest
+
+import helpers  # noqa: F401
+from mlx_diffusion import load_pipeline
+
+H, W = 64, 96  # non-square: 8x12 latents, 4x6 packed tokens
+PROMPT = "a photo of a red fox, 35mm, golden hour!"
+
+
+def _latents(seed=0):
+    return np.random.default_rng(seed).standard_normal((1, 16, H // 8, W // 8)).astype(np.float32)
+
+
+def _reference(pipe, prompt, latents, **kw):
+    import torch
+    from diffusers import FluxPipeline
+
+    packed = FluxPipeline._pack_latents(torch.from_numpy(latents), 1, 16, H // 8, W // 8)
+    with torch.no_grad():
+        return pipe(prompt, height=H, width=W, latents=packed, output_type="np", **kw).images[0]
+
+
+def _assert_close(ours, ref):
+    diff = np.abs(ours - ref)
+    assert ours.shape == ref.shape == (H, W, 3) and ours.dtype == np.float32
+    assert diff.max() <= 5e-3 and diff.mean() <= 5e-4, f"max {diff.max():.2e} mean {diff.mean():.2e}"
+    return diff
+
+
+def _assert_informative(pipe, ref, latents, **kw):
+    """The reference image has structure, is not saturated, and depends on the prompt far beyond the tolerance."""
+    assert ref.std() > 0.05 and np.mean((ref <= 0) | (ref >= 1)) < 0.1
+    other = _reference(pipe, "a blue bicycle leaning on a wall", latents, **kw)
+    assert np.abs(other - ref).mean() > 20 * 5e-4
+
+
+def test_schnell_matches_diffusers(flux_schnell):
+    pipe, _, converted = flux_schnell
+    latents = _latents()
+    kw = dict(num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256)
+    ref = _reference(pipe, PROMPT, latents, **kw)
+    ours = load_pipeline(converted, progress=False).generate(PROMPT, width=W, height=H, latents=latents,
+                                                             output_type="np")
+    diff = _assert_close(ours, ref)
+    print(f"schnell image: max abs {diff.max():.2e}, mean {diff.mean():.2e}")
+    _assert_informative(pipe, ref, latents, **kw)
+
+
+def test_dev_with_guidance_matches_diffusers(flux_dev):
+    pipe, _, converted = flux_dev
+    latents = _latents(1)
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, max_sequence_length=512)
+    ref = _reference(pipe, PROMPT, latents, **kw)
+    mlx_pipe = load_pipeline(converted, progress=False)
+    assert mlx_pipe.default_steps == 28 and mlx_pipe.default_guidance == 3.5 and mlx_pipe.max_sequence_length == 512
+    ours = mlx_pipe.generate(PROMPT, steps=3, guidance=4.0, width=W, height=H, latents=latents, output_type="np")
+    diff = _assert_close(ours, ref)
+    print(f"dev image: max abs {diff.max():.2e}, mean {diff.mean():.2e}")
+    other = mlx_pipe.generate(PROMPT, steps=3, guidance=1.0, width=W, height=H, latents=latents, output_type="np")
+    assert np.abs(other - ours).mean() > 10 * 5e-4  # the guidance embedder is live
+
+
+def test_true_cfg_with_negative_prompt_matches_diffusers(flux_schnell):
+    pipe, _, converted = flux_schnell
+    latents = _latents(2)
+    ref = _reference(pipe, PROMPT, latents, num_inference_steps=2, max_sequence_length=256,
+                     negative_prompt="blurry, low quality", true_cfg_scale=2.5)
+    ours = load_pipeline(converted, progress=False).generate(
+        PROMPT, negative_prompt="blurry, low quality", true_cfg_scale=2.5, steps=2, width=W, height=H,
+        latents=latents, output_type="np")
+    _assert_close(ours, ref)
+
+
+def test_defaults_and_seed(flux_schnell):
+    _, _, converted = flux_schnell
+    p = load_pipeline(converted, progress=False)
+    assert p.default_steps == 4 and p.default_guidance is None and p.max_sequence_length == 256
+    a = p.generate("a cat", width=32, height=48, seed=7, output_type="np")
+    b = p.generate("a cat", width=32, height=48, seed=7, output_type="np")
+    c = p.generate("a cat", width=32, height=48, seed=8, output_type="np")
+    assert np.array_equal(a, b) and np.abs(a - c).mean() > 1e-3
+    img = p.generate("a cat", width=32, height=48, seed=7)
+    assert img.size == (32, 48) and np.array_equal(np.asarray(img), (a * 255).round().astype(np.uint8))
+    s = p.last_settings
+    assert (s.seed, s.steps, s.width, s.height, s.prompt) == (7, 4, 32, 48, "a cat")
+    assert set(p.last_stats.seconds) == {"text_encoding", "denoising", "decoding"}
+    assert "text_encoder" not in p._models and "text_encoder_2" not in p._models  # released before denoising
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(width=100), "width must be a positive multiple of 16"),
+    (dict(height=0), "height must be a positive multiple of 16"),
+    (dict(height=-16), "height"),
+    (dict(steps=0), "steps must be a positive integer"),
+    (dict(latents=np.zeros((1, 16, 3, 3), np.float32)), "latents must have shape"),
+    (dict(output_type="latent"), "output_type"),
+])
+def test_bad_arguments(flux_schnell, kw, match):
+    from mlx_diffusion.pipeline import InputError
+
+    p = load_pipeline(flux_schnell[2], progress=False)
+    with pytest.raises(InputError, match=match):
+        p.generate("x", **{"width": 32, "height": 32, **kw})
