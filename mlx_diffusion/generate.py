@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -82,6 +83,7 @@ def main(model_path, prompt, negative_prompt, steps, guidance, true_cfg_scale, w
     if true_cfg_scale is not None:
         options["true_cfg_scale"] = true_cfg_scale
     say = (lambda *a: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    warnings.showwarning = lambda message, *a, **k: click.echo(f"warning: {message}", err=True)
     try:
         t0 = time.perf_counter()
         pipe = load_pipeline(model_path, progress=not quiet)

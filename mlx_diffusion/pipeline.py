@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,6 +246,8 @@ class FluxPipeline(Pipeline):
 
     def encode(self, prompt, negative_prompt, guidance, true_cfg_scale: float = 1.0):
         cond = {"pos": self._encode_one(prompt), "true_cfg_scale": true_cfg_scale}
+        if negative_prompt is not None and true_cfg_scale <= 1:
+            warnings.warn("FLUX ignores the negative prompt unless true_cfg_scale (--true-cfg) is above 1", stacklevel=3)
         if true_cfg_scale > 1 and negative_prompt is not None:  # diffusers: true CFG only with a negative prompt
             cond["neg"] = self._encode_one(negative_prompt)
             self.last_settings.true_cfg_scale = true_cfg_scale
