@@ -13,6 +13,10 @@ this module follows step by step:
    holds the special pieces (`</s>`, `<extra_id_0>`, ...) with score 0, so normalisation can produce them
    (`＜/s＞` -> `</s>`). sentencepiece reads the model; its own encoder breaks score ties differently.
 
+Both load from what a folder holds, as transformers does: `tokenizer.json` when present (saved by transformers 5,
+it is the only vocabulary file there; for T5 it also carries the charsmap), else `vocab.json` + `merges.txt` (CLIP)
+or `spiece.model` (T5). Missing or malformed files raise `WeightsError` with a one-line message.
+
 Known gaps, all in characters newer than the Unicode data of some part of `tokenizers` 0.23: its Oniguruma knows
 Unicode 14 while `regex` is newer (letters/digits assigned since split differently); Rust lower-cases ~55 such
 characters that Python 3.11 does not; its NFC tables predate Unicode 10, so it never reorders the 98 combining
@@ -21,14 +25,18 @@ marks added since (e.g. U+1183A, U+1AC1-U+1ACE) against other marks.
 
 from __future__ import annotations
 
+import base64
 import heapq
 import json
 import unicodedata
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import regex
+
+from .weights import WeightsError
 
 # Rust `char::is_whitespace` (Unicode White_Space), which `tokenizers`' WhitespaceSplit uses.
 _WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -37,8 +45,41 @@ _GRAPHEMES = regex.compile(r"\X")
 _HUGE_MAX_LENGTH = 100_000  # transformers writes ~1e30 as "no limit"
 
 
+@contextmanager
+def _reading(path: Path):
+    """Turn whatever a missing, truncated or malformed file raises while it is parsed into a one-line WeightsError."""
+    try:
+        yield
+    except WeightsError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise WeightsError(f"{path}: malformed tokenizer file ({type(e).__name__}: {detail})") from None
+
+
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if not path.exists():
+        return {}
+    with _reading(path):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+
+
+def _backend_model(backend: dict, kind: str) -> dict:
+    """tokenizer.json's `model`, checked to be a `kind` model."""
+    model = backend["model"]
+    if model.get("type", kind) != kind:
+        raise ValueError(f"holds a {model['type']} model, not {kind}")
+    return model
+
+
+def _pairs(merges) -> list[tuple[str, str]]:
+    merges = [tuple(m) for m in merges]
+    if not all(len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], str) for m in merges):
+        raise ValueError("merges must be pairs of strings")
+    return merges
 
 
 def _content(token) -> str | None:
@@ -179,11 +220,25 @@ class CLIPTokenizer(_Tokenizer):
 
     @classmethod
     def from_folder(cls, path) -> "CLIPTokenizer":
+        """From `tokenizer.json` (BPE vocab and merges, added tokens) if the folder has it, else from `vocab.json` +
+        `merges.txt`; `tokenizer_config.json` names the special tokens and the maximum length."""
         path = Path(path)
-        vocab = _read_json(path / "vocab.json")
-        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        return cls(vocab, merges, _config(path))
+        backend = _read_json(path / "tokenizer.json")
+        if (source := path / "tokenizer.json").is_file():
+            with _reading(source):
+                model = _backend_model(backend, "BPE")
+                vocab = {str(token): int(i) for token, i in model["vocab"].items()}
+                merges = _pairs(m.split(" ") if isinstance(m, str) else m for m in model["merges"])
+        elif (path / "vocab.json").is_file() and (source := path / "merges.txt").is_file():
+            with _reading(path / "vocab.json"):
+                vocab = {str(token): int(i) for token, i in _read_json(path / "vocab.json").items()}
+            with _reading(source):
+                lines = source.read_text(encoding="utf-8").splitlines()
+                merges = _pairs(line.split() for line in lines if line and not line.startswith("#version"))
+        else:
+            raise WeightsError(f"{path}: no CLIP tokenizer (looked for tokenizer.json, or vocab.json and merges.txt)")
+        with _reading(source):
+            return cls(vocab, merges, _config(path, backend))
 
     def normalize(self, text: str) -> str:
         return _lower(_SPACES.sub(" ", unicodedata.normalize("NFC", text)))
@@ -278,6 +333,8 @@ class _Charsmap:
 
     def __init__(self, blob: bytes):
         size = int.from_bytes(blob[:4], "little")
+        if size % 4 or not 4 <= size <= len(blob) - 4:
+            raise ValueError("truncated precompiled_charsmap")
         self.trie = np.frombuffer(blob[4 : 4 + size], dtype="<u4").tolist()
         self.strings = blob[4 + size :]
         self._cache: dict[str, str] = {}
@@ -323,17 +380,16 @@ class T5Tokenizer(_Tokenizer):
         unk_id: int,
         charsmap: bytes,
         config: dict,
-        added_ids: dict[str, int] | None = None,
+        controls: list[str] = (),
     ):
-        extra = config.get("extra_ids", 0)
-        # The Rust unigram's vocabulary also holds the extra ids, with score 0 like the control pieces, so
-        # normalised text can produce them (`＜extra_id_0＞` -> `<extra_id_0>`).
-        pieces = [*pieces, *((f"<extra_id_{i}>", 0.0) for i in reversed(range(extra)))]
+        """`pieces`: the whole unigram vocabulary with scores, extra ids included (as in tokenizer.json);
+        `controls`: spiece.model's control pieces, which transformers matches as added tokens."""
         vocab = {p: i for i, (p, _) in enumerate(pieces)}
-        vocab.update(added_ids or {})
         defaults = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
         specials = {k: _content(config.get(k)) or d for k, d in defaults.items()}
-        listed = [*specials.values(), *_extra_special_tokens(config), *(added_ids or {})]
+        # transformers' T5Tokenizer makes the extra ids special tokens whatever the config lists
+        extra = [f"<extra_id_{i}>" for i in range(config.get("extra_ids", 100))]
+        listed = [*specials.values(), *controls, *_extra_special_tokens(config), *extra]
         added = _added_tokens(config, listed, vocab)
         self.charsmap = _Charsmap(charsmap) if charsmap else None
         eos, pad = added[specials["eos_token"]][0], added[specials["pad_token"]][0]
@@ -347,18 +403,39 @@ class T5Tokenizer(_Tokenizer):
 
     @classmethod
     def from_folder(cls, path) -> "T5Tokenizer":
+        """From `tokenizer.json` (unigram vocabulary, normaliser charsmap, added tokens) if the folder has it, else
+        from `spiece.model` plus `extra_ids` sentinels, as transformers converts it; `tokenizer_config.json` names
+        the special tokens and the maximum length.
+
+        Which file is read matters beyond convenience: tokenizer.json scores are float64 and spiece.model's float32,
+        which decides exact ties such as "g" + "gg" + "gg" against "gg" + "gg" + "g", each as transformers does."""
+        path = Path(path)
+        backend = _read_json(path / "tokenizer.json")
+        if (path / "tokenizer.json").is_file():
+            with _reading(path / "tokenizer.json"):
+                model = _backend_model(backend, "Unigram")
+                pieces = [(str(p), float(s)) for p, s in model["vocab"]]
+                normalizer = backend.get("normalizer") or {}
+                sequence = normalizer.get("type") == "Sequence"
+                normalizers = normalizer["normalizers"] if sequence else [normalizer]
+                blob = next((n["precompiled_charsmap"] for n in normalizers if n.get("type") == "Precompiled"), "")
+                charsmap = base64.b64decode(blob or "", validate=True)
+                unk_id = model.get("unk_id")
+                return cls(pieces, 2 if unk_id is None else int(unk_id), charsmap, _config(path, backend))
+        if not (path / "spiece.model").is_file():
+            raise WeightsError(f"{path}: no T5 tokenizer (looked for tokenizer.json or spiece.model)")
         import sentencepiece
 
-        path = Path(path)
-        model = (path / "spiece.model").read_bytes()
-        sp = sentencepiece.SentencePieceProcessor(model_proto=model)
-        backend = _read_json(path / "tokenizer.json")
-        # transformers scores with tokenizer.json's float64 values, which may differ from spiece.model's float32
-        # in the last bits; that decides exact ties such as "g" + "gg" + "gg" against "gg" + "gg" + "g".
-        scores = dict(map(tuple, backend.get("model", {}).get("vocab", [])))
-        pieces = [(p, scores.get(p, sp.get_score(i))) for i, p in enumerate(map(sp.id_to_piece, range(len(sp))))]
-        added = {t["content"]: t["id"] for t in backend.get("added_tokens", [])}
-        return cls(pieces, sp.unk_id(), _charsmap(model), _config(path), added)
+        config = _config(path, backend)
+        with _reading(path / "spiece.model"):
+            model = (path / "spiece.model").read_bytes()
+            sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+            pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(len(sp))]
+            # Sentinels follow the pieces, last first, score 0 like the control pieces, so normalised text can
+            # produce them (`＜extra_id_0＞` -> `<extra_id_0>`).
+            pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(config.get("extra_ids", 100)))]
+            controls = [p for i, (p, _) in enumerate(pieces[: len(sp)]) if sp.is_control(i)]
+            return cls(pieces, sp.unk_id(), _charsmap(model), config, controls)
 
     def normalize(self, text: str) -> str:
         return self.charsmap(text) if self.charsmap else text
@@ -406,12 +483,15 @@ class T5Tokenizer(_Tokenizer):
 # ---------------------------------------------------------------------------------------------------- config
 
 
-def _config(path: Path) -> dict:
-    """tokenizer_config.json; special_tokens_map.json fills in only when the config has no added_tokens_decoder
-    (transformers' legacy rule)."""
+def _config(path: Path, backend: dict) -> dict:
+    """tokenizer_config.json; when it has no added_tokens_decoder, special_tokens_map.json fills in and
+    tokenizer.json's `added_tokens` (with their flags) become it (transformers' legacy rule; transformers 5 saves
+    no added_tokens_decoder)."""
     config = _read_json(path / "tokenizer_config.json")
     if "added_tokens_decoder" not in config:
         config.update(_read_json(path / "special_tokens_map.json"))
+        with _reading(path / "tokenizer.json"):
+            config["added_tokens_decoder"] = {t["id"]: t for t in backend.get("added_tokens") or []}
     return config
 
 

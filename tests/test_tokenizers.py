@@ -1,7 +1,9 @@
 """Our CLIP and T5 tokenizers against transformers 5's, loaded from the same real vocabularies (tests/assets).
 
 Ids must be identical: padded/truncated batches as the pipelines request them (CLIP 77, T5 256 and 512), the
-unpadded `encode`, truncation warnings, pad token "!" (SD3's CLIP-G) and SD3-style added-token flags.
+unpadded `encode`, truncation warnings, pad token "!" (SD3's CLIP-G) and SD3-style added-token flags; and from every
+folder layout: tokenizer.json only (what transformers 5 saves), vocab.json + merges.txt (the CLIP asset),
+spiece.model only, both (the T5 asset: tokenizer.json wins), and unusable folders (WeightsError).
 """
 
 import json
@@ -14,6 +16,7 @@ import pytest
 from helpers import CLIP_TOKENIZER, T5_TOKENIZER
 
 from mlx_diffusion.tokenizers import CLIPTokenizer, T5Tokenizer
+from mlx_diffusion.weights import WeightsError
 
 transformers = pytest.importorskip("transformers")
 
@@ -194,3 +197,118 @@ def test_clip_pad_bang(tmp_path, sd3_style):
     ids = ours(mine, prompts, 77)
     assert_same(ids, reference_ids(ref, prompts, 77), prompts)
     assert ids[0, -1] == 0
+
+
+# ---------------------------------------------------------------------------------------------------- folder layouts
+
+
+@pytest.fixture(scope="module")
+def saved(clip, t5, tmp_path_factory):
+    """Folders written by transformers 5's save_pretrained: tokenizer.json + tokenizer_config.json only."""
+    folders = {}
+    for which, (_, ref) in (("clip", clip), ("t5", t5)):
+        folder = folders[which] = tmp_path_factory.mktemp(f"saved_{which}")
+        ref.save_pretrained(folder)
+        assert sorted(f.name for f in folder.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    return folders
+
+
+@pytest.mark.parametrize("which,max_length", [("clip", 77), ("t5", 256)])
+def test_tokenizer_json_only(saved, which, max_length):
+    cls = CLIPTokenizer if which == "clip" else T5Tokenizer
+    mine, ref = cls.from_folder(saved[which]), transformers.AutoTokenizer.from_pretrained(saved[which])
+    assert_same(ours(mine, ALL_PROMPTS, max_length), reference_ids(ref, ALL_PROMPTS, max_length), ALL_PROMPTS)
+    assert [mine.encode(p) for p in PROMPTS] == [ref(p).input_ids for p in PROMPTS]
+
+
+def test_clip_tokenizer_json_merges_as_strings(saved, tmp_path):
+    """Older tokenizer.json files write each merge as "a b" rather than ["a", "b"]."""
+    backend = json.loads((saved["clip"] / "tokenizer.json").read_text(encoding="utf-8"))
+    assert isinstance(backend["model"]["merges"][0], list)
+    backend["model"]["merges"] = [" ".join(m) for m in backend["model"]["merges"]]
+    shutil.copy(saved["clip"] / "tokenizer_config.json", tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(backend), encoding="utf-8")
+    mine, ref = CLIPTokenizer.from_folder(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    prompts = PROMPTS + random_prompts(50, seed=2)
+    assert_same(ours(mine, prompts, 77), reference_ids(ref, prompts, 77), prompts)
+
+
+def test_clip_vocab_merges_only_is_the_asset():
+    # test_clip_matches_transformers covers the vocab.json + merges.txt path only while the asset has no tokenizer.json
+    assert sorted(f.name for f in CLIP_TOKENIZER.iterdir()) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+
+
+@pytest.fixture
+def spiece_only(tmp_path):
+    for name in ("spiece.model", "tokenizer_config.json"):
+        shutil.copy(T5_TOKENIZER / name, tmp_path)
+    return tmp_path
+
+
+def test_t5_spiece_only(spiece_only, t5):
+    mine = T5Tokenizer.from_folder(spiece_only)
+    assert mine.encode("a photo of a cat") == [3, 9, 1202, 13, 3, 9, 1712, 1]
+    for prompt in ("<extra_id_0> ＜/s＞ <pad>x", "café ﬁne Ｈｅｌｌｏ"):  # sentinels, controls, charsmap
+        assert mine.encode(prompt) == t5[1](prompt).input_ids
+    # spiece.model's float32 scores break this exact tie the other way than tokenizer.json's float64 ones, in
+    # transformers too (see test_t5_spiece_only_matches_transformers): proof that each file is read as it should be
+    assert mine.encode("ggggg") == [3, 122, 4102, 4102, 1]
+    assert t5[0].encode("ggggg") == t5[1]("ggggg").input_ids == [3, 4102, 4102, 122, 1]
+
+
+def test_t5_spiece_only_matches_transformers(spiece_only):
+    pytest.importorskip("google.protobuf", reason="transformers reads spiece.model with protobuf")
+    mine, ref = T5Tokenizer.from_folder(spiece_only), transformers.AutoTokenizer.from_pretrained(spiece_only)
+    assert_same(ours(mine, ALL_PROMPTS, 256), reference_ids(ref, ALL_PROMPTS, 256), ALL_PROMPTS)
+
+
+BROKEN = {
+    "empty": lambda folder: None,
+    "config only": lambda folder: shutil.copy(T5_TOKENIZER / "tokenizer_config.json", folder),
+    "vocab without merges": lambda folder: shutil.copy(CLIP_TOKENIZER / "vocab.json", folder),
+    "truncated tokenizer.json": lambda folder: (folder / "tokenizer.json").write_text('{"model": {"type": "BPE", "vo'),
+    "tokenizer.json not an object": lambda folder: (folder / "tokenizer.json").write_text("[]"),
+    "tokenizer.json without model": lambda folder: (folder / "tokenizer.json").write_text('{"added_tokens": []}'),
+    "wrong model type": lambda folder: (folder / "tokenizer.json").write_text('{"model": {"type": "WordPiece"}}'),
+    "bad unigram vocab": lambda folder: (folder / "tokenizer.json").write_text(
+        '{"model": {"type": "Unigram", "vocab": [["a"]], "merges": [["a"]]}}'
+    ),
+    "bad bpe merges": lambda folder: (folder / "tokenizer.json").write_text(
+        '{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b c"]}}'
+    ),
+    "bad charsmap": lambda folder: (folder / "tokenizer.json").write_text(
+        '{"model": {"type": "Unigram", "vocab": [["a", 0.0]]}, "normalizer": {"type": "Precompiled",'
+        ' "precompiled_charsmap": "not base64!"}}'
+    ),
+    "truncated spiece.model": lambda folder: (folder / "spiece.model").write_bytes(
+        (T5_TOKENIZER / "spiece.model").read_bytes()[:1000]
+    ),
+    "truncated charsmap": lambda folder: (folder / "tokenizer.json").write_text(
+        '{"model": {"type": "Unigram", "vocab": [["a", 0.0]]}, "normalizer": {"type": "Sequence", "normalizers":'
+        ' [{"type": "Precompiled", "precompiled_charsmap": "ALQCAACEAAAAAACAAQAAgMz8AgC4BQAA"}]}}'
+    ),
+    "bad tokenizer_config.json": lambda folder: (
+        shutil.copy(T5_TOKENIZER / "spiece.model", folder),
+        shutil.copy(CLIP_TOKENIZER / "vocab.json", folder),
+        shutil.copy(CLIP_TOKENIZER / "merges.txt", folder),
+        (folder / "tokenizer_config.json").write_text("{"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+@pytest.mark.parametrize("cls", [CLIPTokenizer, T5Tokenizer])
+def test_unusable_folder_raises_weights_error(tmp_path, cls, case):
+    BROKEN[case](tmp_path)
+    with pytest.raises(WeightsError) as info:
+        cls.from_folder(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message and "\n" not in message, message
+    if case in ("empty", "config only", "vocab without merges"):  # nothing to read: say what was looked for
+        assert "tokenizer.json" in message and ("spiece.model" if cls is T5Tokenizer else "merges.txt") in message
+
+
+def test_missing_folder_raises_weights_error(tmp_path):
+    for cls in (CLIPTokenizer, T5Tokenizer):
+        with pytest.raises(WeightsError, match="looked for tokenizer.json"):
+            cls.from_folder(tmp_path / "nowhere")
