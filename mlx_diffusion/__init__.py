@@ -1,12 +1,13 @@
 """mlx_diffusion: Stable Diffusion 3 Medium and FLUX.1 text-to-image in MLX.
 
-Importing the package first interposes a fast BLAS under mlx-cpu on Linux (see `_blas.py`); it must therefore be
-imported before `mlx.core`.
+Importing the package first interposes a fast BLAS under mlx-cpu on Linux and tunes malloc for large buffers (see
+`_blas.py`); it must therefore be imported before `mlx.core`.
 """
 
 from . import _blas
 
 _blas.interpose()
+_blas.tune_allocator()
 
 __version__ = "0.1.0"
 

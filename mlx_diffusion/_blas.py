@@ -1,4 +1,4 @@
-"""Interpose a real BLAS under mlx-cpu on Linux, before `mlx.core` is loaded.
+"""Linux CPU set-up done at import, before `mlx.core` is loaded: a real BLAS, and a malloc that keeps big blocks.
 
 mlx-cpu's Linux wheel links the netlib *reference* BLAS, whose sgemm is ~40x slower than OpenBLAS. Symbols of a
 library opened with RTLD_GLOBAL before `libmlx.so` win the dynamic linker's lookup, so loading OpenBLAS first makes
@@ -84,3 +84,29 @@ def interpose() -> str | None:
         stacklevel=3,
     )
     return None
+
+
+MALLOC_ENV_VAR = "MLX_DIFFUSION_MALLOC"  # "default" leaves glibc's malloc settings alone
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+allocator_tuned = False
+
+
+def tune_allocator() -> bool:
+    """Serve large MLX buffers from the heap instead of fresh mmaps.
+
+    glibc mmaps every allocation above 32 MB and unmaps it on free, so each new large MLX array page-faults all of
+    its memory in again: ~2 ns per float32 element, about 10x the cost of an elementwise pass over it (measured on
+    the VAE's GroupNorm+SiLU at 128-512 channels: 106/206/503 ms -> 23/43/99 ms). Keeping freed blocks in the heap
+    (no mmap, no trimming) lets them be reused; the price is that memory freed by one stage stays with the process
+    for the next one instead of returning to the OS.
+    """
+    global allocator_tuned
+    if allocator_tuned or not sys.platform.startswith("linux") or os.environ.get(MALLOC_ENV_VAR) == "default":
+        return allocator_tuned
+    try:
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        ok = False
+    allocator_tuned = ok
+    return ok

@@ -56,3 +56,10 @@ def test_mlx_imported_first_warns():
     r = _run("import mlx.core, mlx_diffusion")
     assert r.returncode == 0, r.stderr
     assert "imported before mlx_diffusion" in r.stderr
+
+
+@linux
+def test_allocator_keeps_large_blocks():
+    assert _blas.allocator_tuned  # glibc mallopt accepted (see tune_allocator's docstring for why)
+    r = _run("import mlx_diffusion._blas as b; print(b.allocator_tuned)", MLX_DIFFUSION_MALLOC="default")
+    assert r.stdout.strip() == "False"
