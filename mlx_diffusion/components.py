@@ -40,6 +40,7 @@ _TEXT_KEEP = (r"(embeddings|embed_tokens|shared|relative_attention_bias)\.", r"^
 
 KINDS = {
     "FluxTransformer2DModel": Kind("flux", "FluxTransformer2DModel", "FluxConfig", keep=_DIT_KEEP),
+    "SD3Transformer2DModel": Kind("sd3", "SD3Transformer2DModel", "SD3Config", keep=_DIT_KEEP),
     "AutoencoderKL": Kind("vae", "AutoencoderKL", "VAEConfig", quantizable=False),
     "CLIPTextModel": Kind("clip", "CLIPTextModel", "CLIPTextConfig", keep=_TEXT_KEEP),
     "CLIPTextModelWithProjection": Kind("clip", "CLIPTextModel", "CLIPTextConfig", keep=_TEXT_KEEP),

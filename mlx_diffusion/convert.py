@@ -63,7 +63,8 @@ def detect_family(source: Path, index: dict) -> tuple[str, str]:
     if family == "flux":
         cfg = read_json(source / "transformer" / "config.json")
         return family, "dev" if cfg.get("guidance_embeds") else "schnell"
-    return family, "medium"
+    cfg = read_json(source / "transformer" / "config.json")
+    return family, "3.5" if cfg.get("qk_norm") or cfg.get("dual_attention_layers") else "3"
 
 
 def _expected_parameters(kind: Kind, config: dict) -> dict:

@@ -224,8 +224,10 @@ class FluxPipeline(Pipeline):
 
     family = "flux"
 
-    def __init__(self, *args, max_sequence_length=None, **kwargs):
+    def __init__(self, *args, max_sequence_length=None, use_t5=True, **kwargs):
         super().__init__(*args, **kwargs)
+        if not use_t5:
+            raise InputError("FLUX cannot run without T5 (use_t5=False / --no-t5 is for SD3)")
         self.is_dev = bool(self.transformer_config.get("guidance_embeds"))
         self.default_steps = 28 if self.is_dev else 4
         self.default_guidance = 3.5 if self.is_dev else None
@@ -289,7 +291,87 @@ class FluxPipeline(Pipeline):
         return unpack_latents(x, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
 
-_FAMILIES = {"flux": FluxPipeline}
+class SD3Pipeline(Pipeline):
+    """Stable Diffusion 3 as diffusers' StableDiffusion3Pipeline: CLIP-L + CLIP-G (+ T5), true CFG, raw timesteps.
+
+    Without T5 (no `text_encoder_3/` in the folder, or `use_t5=False`) T5 is never loaded and its sequence is zeros,
+    exactly as diffusers does when `text_encoder_3` is None.
+    """
+
+    family = "sd3"
+    default_steps = 28
+    default_guidance = 7.0
+
+    def __init__(self, *args, use_t5=True, max_sequence_length=256, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .tokenizers import CLIPTokenizer, T5Tokenizer
+
+        self.use_t5 = bool(use_t5) and self.has("text_encoder_3")
+        self.max_sequence_length = max_sequence_length
+        self.tokenizers = [CLIPTokenizer.from_folder(self.path / "tokenizer"),
+                           CLIPTokenizer.from_folder(self.path / "tokenizer_2")]
+        if self.use_t5:
+            self.tokenizers.append(T5Tokenizer.from_folder(self.path / "tokenizer_3"))
+        self.joint_attention_dim = int(self.transformer_config.get("joint_attention_dim", 4096))
+
+    @property
+    def default_size(self) -> int:
+        return int(self.transformer_config.get("sample_size", 128)) * self.vae_scale_factor
+
+    def _encode_one(self, prompt):
+        seqs, pooled = [], []
+        for name, tok in zip(("text_encoder", "text_encoder_2"), self.tokenizers):
+            out = self.model(name)(mx.array(tok([prompt], max_length=self.tokenizers[0].model_max_length)),
+                                   output_hidden_states=True)
+            seqs.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = mx.concatenate(seqs, axis=-1)
+        if self.use_t5:
+            t5 = self.model("text_encoder_3")(mx.array(self.tokenizers[2]([prompt], max_length=self.max_sequence_length)))
+        else:
+            t5 = mx.zeros((1, self.max_sequence_length, self.joint_attention_dim), dtype=clip.dtype)
+        clip = mx.pad(clip, [(0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])])
+        seq = mx.concatenate([clip, t5.astype(clip.dtype)], axis=1)
+        pooled = mx.concatenate(pooled, axis=-1)
+        mx.eval(seq, pooled)
+        return seq.astype(self.compute_dtype), pooled.astype(self.compute_dtype)
+
+    def encode(self, prompt, negative_prompt, guidance):
+        seq, pooled = self._encode_one(prompt)
+        if guidance is not None and guidance > 1:  # diffusers: CFG with "" as the default negative prompt
+            neg_seq, neg_pooled = self._encode_one(negative_prompt or "")
+            seq, pooled = mx.concatenate([neg_seq, seq]), mx.concatenate([neg_pooled, pooled])
+        if not self.keep_text_encoders:
+            self.release("text_encoder", "text_encoder_2", "text_encoder_3")
+        return seq, pooled
+
+    def prepare(self, noise, steps):
+        scheduler = FlowMatchEulerScheduler(self.scheduler_config)
+        mu = None
+        c = self.scheduler_config
+        if c.use_dynamic_shifting:  # SD3.5-style configs
+            seq_len = (noise.shape[2] // self.patch_size) * (noise.shape[3] // self.patch_size)
+            mu = calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift or 0.5,
+                                 c.max_shift or 1.16)
+        scheduler.set_timesteps(steps, mu=mu)
+        return noise, scheduler
+
+    def predict(self, x, t, cond, guidance):
+        seq, pooled = cond
+        cfg = seq.shape[0] == 2
+        xin = mx.concatenate([x, x]) if cfg else x
+        timestep = mx.full((xin.shape[0],), t, dtype=self.compute_dtype)
+        v = self.model("transformer")(xin, seq, pooled, timestep)
+        if cfg:
+            uncond, text = v[0:1], v[1:2]
+            v = uncond + guidance * (text - uncond)
+        return v
+
+    def to_vae_latents(self, x, height, width):
+        return x
+
+
+_FAMILIES = {"flux": FluxPipeline, "sd3": SD3Pipeline}
 
 
 def load_pipeline(path, *, dtype=None, progress=True, **kwargs) -> Pipeline:

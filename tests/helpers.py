@@ -20,23 +20,27 @@ T5_TOKENIZER = ASSETS / "tokenizers" / "t5"
 
 
 def init_weights_(module, gain: float = 1.0, seed: int = 0):
-    """Re-initialise a torch module in place: N(0, gain^2/fan_in) weights, norm scales ~1, small biases."""
+    """Re-initialise a torch module in place: N(0, gain^2/fan_in) weights, norm scales ~1, small biases.
+
+    Embedding tables (token, position, relative-position) get N(0, gain^2): rows are looked up, not summed. Linear
+    and conv embedders are scaled by fan-in like every other layer; std-1 weights there (e.g. SD3's timestep
+    embedder) make modulation scales ~40 and saturate attention until float32 itself disagrees with float64.
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            is_norm = any(s in name for s in ("norm", "ln_", "layer_norm", "layernorm")) and p.ndim == 1
-            if p.ndim == 1 and (is_norm or leaf == "weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1 or leaf == "bias":
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-            elif "embed" in name.lower() or "shared" in name or "relative_attention_bias" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (gain if p.ndim == 2 else gain / math.sqrt(p.shape[-1])))
-            else:
-                fan_in = int(np.prod(p.shape[1:]))
-                p.copy_(torch.randn(p.shape, generator=g) * (gain / math.sqrt(fan_in)))
+        for _, mod in module.named_modules():
+            for leaf, p in mod.named_parameters(recurse=False):
+                if isinstance(mod, torch.nn.Embedding):
+                    p.copy_(torch.randn(p.shape, generator=g) * gain)
+                elif p.ndim == 1 and leaf == "bias":
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
+                elif p.ndim == 1:  # norm scales
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    fan_in = int(np.prod(p.shape[1:]))
+                    p.copy_(torch.randn(p.shape, generator=g) * (gain / math.sqrt(fan_in)))
     return module
 
 

@@ -97,3 +97,34 @@ def save(pipe, folder: Path) -> Path:
                 if f.name not in ("tokenizer_config.json", "tokenizer.json"):
                     shutil.copy(f, t / f.name)
     return folder
+
+
+def tiny_sd3_transformer(layers=3, heads=3, head_dim=16, joint_dim=80, caption_dim=48, pooled_dim=72, max_pos=10,
+                         sample_size=8, seed=5, **extra):
+    from diffusers import SD3Transformer2DModel
+
+    m = SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=16, num_layers=layers,
+                              attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
+                              caption_projection_dim=caption_dim, pooled_projection_dim=pooled_dim, out_channels=16,
+                              pos_embed_max_size=max_pos, **extra).eval()
+    return init_weights_(m, 1.0, seed=seed)
+
+
+def tiny_sd3_pipeline(with_t5=True):
+    """A StableDiffusion3Pipeline of tiny random components: CLIP-L 32 + CLIP-G 40 wide (pooled 72), T5 80 wide."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    clip_tok, t5_tok = tokenizers()
+    clip_g_tok = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER, pad_token="!")  # as SD3's tokenizer_2
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(scaling=1.5305, shift=0.0609),
+        text_encoder=tiny_clip(hidden=32, projection=True, seed=11),
+        tokenizer=clip_tok,
+        text_encoder_2=tiny_clip(hidden=40, heads=4, act="gelu", projection=True, seed=12),
+        tokenizer_2=clip_g_tok,
+        text_encoder_3=tiny_t5(d_model=80, heads=4, d_kv=16, seed=13) if with_t5 else None,
+        tokenizer_3=t5_tok if with_t5 else None,
+        transformer=tiny_sd3_transformer(),
+    )

@@ -1,0 +1,95 @@
+"""Whole SD3 pipeline vs diffusers' StableDiffusion3Pipeline: CFG with a negative prompt, with and without T5."""
+
+import numpy as np
+import pytest
+
+import helpers  # noqa: F401
+from mlx_diffusion import load_pipeline
+
+H, W = 64, 96  # latents 8x12 -> 4x6 patches, cropped from pos_embed_max_size 10
+PROMPT = "a watercolour lighthouse on a cliff, stormy sea"
+NEGATIVE = "blurry, low quality"
+
+
+def _latents(seed=0):
+    return np.random.default_rng(seed).standard_normal((1, 16, H // 8, W // 8)).astype(np.float32)
+
+
+def _reference(pipe, prompt, latents, **kw):
+    import torch
+
+    with torch.no_grad():
+        return pipe(prompt, height=H, width=W, latents=torch.from_numpy(latents), output_type="np", **kw).images[0]
+
+
+def _ours(folder, prompt, latents, **kw):
+    return load_pipeline(folder, progress=False, **kw.pop("load", {})).generate(
+        prompt, width=W, height=H, latents=latents, output_type="np", **kw)
+
+
+def _assert_close(ours, ref):
+    diff = np.abs(ours - ref)
+    assert ours.shape == ref.shape == (H, W, 3)
+    assert diff.max() <= 5e-3 and diff.mean() <= 5e-4, f"max {diff.max():.2e} mean {diff.mean():.2e}"
+    assert ref.std() > 0.05 and np.mean((ref <= 0) | (ref >= 1)) < 0.1, "reference image is flat or saturated"
+    return diff
+
+
+@pytest.mark.parametrize("guidance", [7.0, 1.0])
+def test_sd3_with_t5_matches_diffusers(sd3, guidance):
+    pipe, _, converted = sd3
+    latents = _latents()
+    ref = _reference(pipe, PROMPT, latents, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=guidance)
+    ours = _ours(converted, PROMPT, latents, negative_prompt=NEGATIVE, steps=4, guidance=guidance)
+    diff = _assert_close(ours, ref)
+    print(f"sd3 guidance {guidance}: max abs {diff.max():.2e}, mean {diff.mean():.2e}")
+    other = _reference(pipe, "a green tractor in a field", latents, negative_prompt=NEGATIVE, num_inference_steps=4,
+                       guidance_scale=guidance)
+    assert np.abs(other - ref).mean() > 20 * 5e-4  # the prompt matters far beyond the tolerance
+
+
+def test_sd3_default_negative_prompt_is_empty(sd3):
+    pipe, _, converted = sd3
+    latents = _latents(3)
+    ref = _reference(pipe, PROMPT, latents, num_inference_steps=3, guidance_scale=5.0)
+    _assert_close(_ours(converted, PROMPT, latents, steps=3, guidance=5.0), ref)
+
+
+def test_sd3_folder_without_t5_matches_diffusers(sd3_no_t5):
+    pipe, _, converted = sd3_no_t5
+    latents = _latents(1)
+    ref = _reference(pipe, PROMPT, latents, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=6.0)
+    p = load_pipeline(converted, progress=False)
+    assert not p.use_t5
+    ours = p.generate(PROMPT, negative_prompt=NEGATIVE, steps=3, guidance=6.0, width=W, height=H, latents=latents,
+                      output_type="np")
+    _assert_close(ours, ref)
+
+
+def test_sd3_use_t5_false_never_loads_t5_and_equals_diffusers_without_it(sd3, monkeypatch):
+    pipe, _, converted = sd3
+    import diffusers
+
+    no_t5 = diffusers.StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+    latents = _latents(2)
+    ref = _reference(no_t5, PROMPT, latents, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=6.0)
+    p = load_pipeline(converted, progress=False, use_t5=False)
+    loaded = []
+    original = p.model
+    monkeypatch.setattr(p, "model", lambda c: loaded.append(c) or original(c))
+    ours = p.generate(PROMPT, negative_prompt=NEGATIVE, steps=3, guidance=6.0, width=W, height=H, latents=latents,
+                      output_type="np")
+    _assert_close(ours, ref)
+    assert "text_encoder_3" not in loaded and "text_encoder" in loaded
+    with_t5 = _reference(pipe, PROMPT, latents, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=6.0)
+    assert np.abs(with_t5 - ref).mean() > 10 * 5e-4  # T5 really contributes when present
+
+
+def test_sd3_defaults(sd3):
+    p = load_pipeline(sd3[2], progress=False)
+    assert p.family == "sd3" and p.default_steps == 28 and p.default_guidance == 7.0 and p.max_sequence_length == 256
+    assert p.default_size == 8 * 8  # transformer sample_size x vae_scale_factor (1024 for SD3 Medium)
+    assert p.scheduler_config.shift == 3.0
+    img = p.generate("a cat", steps=2, seed=4)
+    assert img.size == (64, 64)
+    assert p.last_settings.guidance == 7.0 and p.last_settings.seed == 4
