@@ -117,3 +117,19 @@ def test_convert_cli_errors(flux_schnell, tmp_path):
     (tmp_path / "model.ckpt").write_bytes(b"x")
     assert_clean_error(convert(tmp_path / "model.ckpt", "-o", tmp_path / "o"), "pickle")
     assert not (tmp_path / "o").exists()
+
+
+def test_sd3_cli_without_t5(sd3, tmp_path):
+    out = tmp_path / "sd3.png"
+    r = generate("--model", sd3[2], "--prompt", "a lighthouse", "--negative-prompt", "fog", "--no-t5", "--steps", 2,
+                 "--width", 32, "--height", 48, "--seed", 3, "--output", out)
+    assert r.returncode == 0, r.stderr
+    meta = Image.open(out).text
+    assert meta["guidance"] == "7.0" and meta["negative_prompt"] == "fog" and meta["steps"] == "2"
+    assert_clean_error(generate("--model", sd3[2], "--prompt", "x", "--true-cfg", 2, "--output", tmp_path / "a.png"),
+                       "--true-cfg is for FLUX")
+
+
+def test_flux_cli_refuses_no_t5(flux_schnell, tmp_path):
+    assert_clean_error(generate("--model", flux_schnell[2], "--prompt", "x", "--no-t5", "--output", tmp_path / "a.png"),
+                       "FLUX cannot run without T5")

@@ -93,3 +93,27 @@ def test_sd3_defaults(sd3):
     img = p.generate("a cat", steps=2, seed=4)
     assert img.size == (64, 64)
     assert p.last_settings.guidance == 7.0 and p.last_settings.seed == 4
+
+
+@pytest.mark.parametrize("use_t5", [True, False])
+def test_prompt_embedding_assembly_matches_diffusers(sd3, use_t5):
+    """CLIP-L/G penultimate states concatenated and zero-padded, T5 (or zeros) appended; pooled = both projections."""
+    import diffusers
+    import torch
+
+    pipe, _, converted = sd3
+    if not use_t5:
+        pipe = diffusers.StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+    ours = load_pipeline(converted, progress=False, use_t5=use_t5)
+    prompt = "Two cats, one black & one white; 3 mice (tiny) — naïve art " * 6  # long: truncated by CLIP
+    with torch.no_grad():
+        pe, npe, pp, npp = pipe.encode_prompt(prompt, prompt, prompt, negative_prompt="ugly",
+                                              do_classifier_free_guidance=True)
+    with pytest.warns(UserWarning, match="tokens were dropped"):
+        seq, pooled = ours.encode(prompt, "ugly", 7.0)
+    assert seq.shape == (2, 77 + 256, 80) and pooled.shape == (2, 72)
+    for a, b in ((seq[1], pe[0]), (seq[0], npe[0]), (pooled[1], pp[0]), (pooled[0], npp[0])):
+        assert helpers.max_rel_err(a, b) < 1e-5
+    assert np.abs(np.array(seq[1, :77, 72:])).max() == 0  # zero padding up to the T5 width
+    if not use_t5:
+        assert np.abs(np.array(seq[:, 77:])).max() == 0
