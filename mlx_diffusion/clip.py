@@ -8,12 +8,14 @@ as released checkpoints store them (`text_model.embeddings...`, `text_projection
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .config import config_kwargs
 
 
 @dataclass
@@ -34,8 +36,7 @@ class CLIPTextConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
         d = d.get("text_config", d)  # a full CLIPConfig nests the text part
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and v is not None}
+        kw = config_kwargs(cls, d)
         if "with_projection" not in kw:
             kw["with_projection"] = "CLIPTextModelWithProjection" in (d.get("architectures") or ())
         return cls(**kw)

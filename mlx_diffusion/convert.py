@@ -33,6 +33,7 @@ from .weights import (
     Checkpoint,
     SafetensorsWriter,
     WeightsError,
+    build_model,
     quantize,
     read_json,
     should_quantize,
@@ -67,9 +68,8 @@ def detect_family(source: Path, index: dict) -> tuple[str, str]:
     return family, "3.5" if cfg.get("qk_norm") or cfg.get("dual_attention_layers") else "3"
 
 
-def _expected_parameters(kind: Kind, config: dict) -> dict:
-    model_cls, config_cls = kind.classes()
-    model = model_cls(config_cls.from_dict(config))  # lazy: no weights are materialised
+def _expected_parameters(kind: Kind, config: dict, where) -> dict:
+    model = build_model(*kind.classes(), config, where)
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
@@ -79,7 +79,7 @@ def convert_component(src: Path, dst: Path, *, bits, group_size, dtype, bar=None
     kind = kind_of(config, str(src))
     ckpt = Checkpoint.from_folder(src)
     names = kind.rename(list(ckpt.keys()))
-    expected = _expected_parameters(kind, config)
+    expected = _expected_parameters(kind, config, src)
     shapes = {new: tuple(to_mlx_layout(new, _Shape(ckpt.shape(old))).shape) for new, old in names.items()}
     missing = sorted(set(expected) - set(shapes))
     unknown = sorted(set(shapes) - set(expected))

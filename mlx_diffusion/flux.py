@@ -10,12 +10,13 @@ checkpoint loads by identity. Layout choices, all numerically neutral:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import FromDict
 from .layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -31,7 +32,7 @@ from .layers import (
 
 
 @dataclass
-class FluxConfig:
+class FluxConfig(FromDict):
     """diffusers' FluxTransformer2DModel config (transformer/config.json); defaults are diffusers' (FLUX.1)."""
 
     patch_size: int = 1
@@ -45,13 +46,6 @@ class FluxConfig:
     pooled_projection_dim: int = 768
     guidance_embeds: bool = False
     axes_dims_rope: tuple = (16, 56, 56)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FluxConfig":
-        names = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in d.items() if k in names})
-        config.axes_dims_rope = tuple(config.axes_dims_rope)
-        return config
 
     @property
     def inner_dim(self) -> int:

@@ -126,9 +126,13 @@ class Pipeline:
         for name, v in (("width", width), ("height", height)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % m:
                 raise InputError(f"{name} must be a positive multiple of {m}, got {v!r}")
+        if self.max_size and max(width, height) > self.max_size:
+            raise InputError(f"width and height can be at most {self.max_size} for this model, got {width}x{height}")
         shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None and tuple(np.shape(latents)) != shape:
             raise InputError(f"latents must have shape {shape} for {width}x{height}, got {tuple(np.shape(latents))}")
+
+    max_size = None  # largest width/height the model can take, where it has one
 
     @property
     def latent_channels(self) -> int:
@@ -317,6 +321,10 @@ class SD3Pipeline(Pipeline):
     @property
     def default_size(self) -> int:
         return int(self.transformer_config.get("sample_size", 128)) * self.vae_scale_factor
+
+    @property
+    def max_size(self) -> int:  # the learned position table covers pos_embed_max_size patches per side
+        return int(self.transformer_config.get("pos_embed_max_size") or 10**6) * self.size_multiple
 
     def _encode_one(self, prompt):
         seqs, pooled = [], []

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .config import FromDict
+
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(FromDict):
     num_train_timesteps: int = 1000
     shift: float = 1.0
     use_dynamic_shifting: bool = False
@@ -32,11 +34,6 @@ class SchedulerConfig:
     use_beta_sigmas: bool = False
     time_shift_type: str = "exponential"
     stochastic_sampling: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SchedulerConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_folder(cls, path) -> "SchedulerConfig":

@@ -13,12 +13,13 @@ layout choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import FromDict
 from .layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -31,7 +32,7 @@ from .layers import (
 
 
 @dataclass
-class SD3Config:
+class SD3Config(FromDict):
     """diffusers' SD3Transformer2DModel config (transformer/config.json); defaults are diffusers'."""
 
     sample_size: int = 128
@@ -47,13 +48,6 @@ class SD3Config:
     pos_embed_max_size: int | None = 96
     dual_attention_layers: tuple = ()
     qk_norm: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SD3Config":
-        names = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in d.items() if k in names})
-        config.dual_attention_layers = tuple(config.dual_attention_layers or ())
-        return config
 
     @property
     def inner_dim(self) -> int:

@@ -9,7 +9,7 @@ transformers' (`shared.weight`, `encoder.block.N.layer.0.SelfAttention.q.weight`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -17,9 +17,11 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import FromDict
+
 
 @dataclass
-class T5Config:
+class T5Config(FromDict):
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64
@@ -30,11 +32,6 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "T5Config":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
     @property
     def is_gated(self) -> bool:

@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .config import config_kwargs
 
 # Scratch memory budget, in elements, of one band of a large conv or GroupNorm+SiLU: large maps are processed in bands
 # of rows, each evaluated into its slice of a preallocated output. Bounds e.g. a 1024^2 decode's peak memory.
@@ -58,12 +60,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known and v is not None}  # shift_factor: null -> 0
-        for k in ("block_out_channels", "down_block_types", "up_block_types"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        cfg = cls(**kw)
+        cfg = cls(**config_kwargs(cls, d))
         if cfg.act_fn not in ("silu", "swish"):
             raise ValueError(f"AutoencoderKL act_fn {cfg.act_fn!r} is not supported (only silu)")
         n = len(cfg.block_out_channels)

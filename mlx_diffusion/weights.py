@@ -320,14 +320,24 @@ def read_json(path) -> dict:
         raise WeightsError(f"{path} is not valid JSON ({e})") from None
 
 
+def build_model(model_cls, config_cls, config: dict, where):
+    """`model_cls(config_cls.from_dict(config))`, with a config we cannot build reported as a one-line error.
+
+    Construction is lazy in MLX: no weights are materialised here.
+    """
+    try:
+        return model_cls(config_cls.from_dict(config))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{where}: unsupported {model_cls.__name__} configuration ({e})") from None
+
+
 def load_component(folder, model_cls, config_cls, dtype=None):
     """Build `model_cls(config_cls.from_dict(config.json))` and load an MLX component folder into it.
 
     `dtype` casts floating-point weights (None keeps what the folder stores); quantized layers stay quantized.
     """
     folder = Path(folder)
-    config = config_cls.from_dict(read_json(folder / "config.json"))
-    model = model_cls(config)
+    model = build_model(model_cls, config_cls, read_json(folder / "config.json"), folder)
     f = SafetensorsFile(folder / WEIGHTS_FILE)
     layers = {k: tuple(v) for k, v in json.loads(f.metadata.get(QUANT_KEY, "{}")).items()}
     install_quantized_layers(model, layers)

@@ -106,3 +106,12 @@ def test_bad_options(flux_schnell, tmp_path):
     for kw, match in ((dict(bits=7), "bit width"), (dict(group_size=48), "group size"), (dict(dtype="int8"), "dtype")):
         with pytest.raises(WeightsError, match=match):
             convert(src, tmp_path / "o", **kw, **quiet)
+
+
+def test_unsupported_config_is_a_one_line_error(flux_schnell, tmp_path):
+    src = _copy(flux_schnell[1], tmp_path / "src")
+    cfg = json.loads((src / "vae" / "config.json").read_text())
+    cfg["act_fn"] = "mish"
+    (src / "vae" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="unsupported AutoencoderKL configuration"):
+        convert(src, tmp_path / "out", **quiet)

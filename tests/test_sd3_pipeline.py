@@ -117,3 +117,11 @@ def test_prompt_embedding_assembly_matches_diffusers(sd3, use_t5):
     assert np.abs(np.array(seq[1, :77, 72:])).max() == 0  # zero padding up to the T5 width
     if not use_t5:
         assert np.abs(np.array(seq[:, 77:])).max() == 0
+
+
+def test_sd3_size_beyond_position_table_is_refused(sd3):
+    from mlx_diffusion.pipeline import InputError
+
+    p = load_pipeline(sd3[2], progress=False)
+    with pytest.raises(InputError, match="at most 160"):  # pos_embed_max_size 10 x patch 2 x VAE factor 8
+        p.generate("x", width=176, height=64, steps=1)
