@@ -104,3 +104,38 @@ def test_bad_arguments(flux_schnell, kw, match):
     p = load_pipeline(flux_schnell[2], progress=False)
     with pytest.raises(InputError, match=match):
         p.generate("x", **{"width": 32, "height": 32, **kw})
+
+
+def test_other_configuration_and_unicode_prompt(tmp_path):
+    """Another shape of everything: depths, heads, RoPE axes, T5/CLIP widths, a 3-level VAE (factor 4), odd size."""
+    import tiny_models
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from mlx_diffusion.convert import convert
+
+    clip_tok, t5_tok = tiny_models.tokenizers()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=tiny_models.tiny_vae(channels=(8, 16, 24), seed=7),
+        text_encoder=tiny_models.tiny_clip(hidden=24, layers=3, heads=3, seed=8),
+        tokenizer=clip_tok,
+        text_encoder_2=tiny_models.tiny_t5(d_model=40, layers=3, heads=5, d_kv=8, seed=9),
+        tokenizer_2=t5_tok,
+        transformer=tiny_models.tiny_flux_transformer(layers=1, single_layers=3, heads=4, head_dim=8, axes=(2, 2, 4),
+                                                      joint_dim=40, pooled_dim=24, seed=10),
+    )
+    src = tiny_models.save(pipe, tmp_path / "src")
+    out = convert(src, tmp_path / "mlx", bits=None, dtype="float32", progress=False, log=lambda *a: None)
+    h, w = 40, 56  # multiples of 8 = VAE factor 4 x packing 2
+    latents = np.random.default_rng(5).standard_normal((1, 16, h // 4, w // 4)).astype(np.float32)
+    prompt = "Ein Fuchs im Schnee 🦊, 雪の中の狐, renard « roux » — №7 (ÆØÅ) " * 8  # long: CLIP truncates
+    import torch
+
+    packed = FluxPipeline._pack_latents(torch.from_numpy(latents), 1, 16, h // 4, w // 4)
+    with torch.no_grad():
+        ref = pipe(prompt, height=h, width=w, latents=packed, num_inference_steps=3, max_sequence_length=256,
+                   output_type="np").images[0]
+    ours = load_pipeline(out, progress=False).generate(prompt, steps=3, width=w, height=h, latents=latents,
+                                                       output_type="np")
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 5e-3 and diff.mean() <= 5e-4, f"max {diff.max():.2e} mean {diff.mean():.2e}"
+    assert ref.std() > 0.03

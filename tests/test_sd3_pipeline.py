@@ -125,3 +125,40 @@ def test_sd3_size_beyond_position_table_is_refused(sd3):
     p = load_pipeline(sd3[2], progress=False)
     with pytest.raises(InputError, match="at most 160"):  # pos_embed_max_size 10 x patch 2 x VAE factor 8
         p.generate("x", width=176, height=64, steps=1)
+
+
+def test_sd3_other_configuration(tmp_path):
+    """Another shape of everything: 2 layers of 2 heads x 24, other CLIP/T5 widths, a 3-level VAE, odd size."""
+    import tiny_models
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+    from mlx_diffusion.convert import convert
+
+    clip_tok, t5_tok = tiny_models.tokenizers()
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=2.5),
+        vae=tiny_models.tiny_vae(channels=(8, 16, 24), scaling=1.1, shift=-0.05, seed=21),
+        text_encoder=tiny_models.tiny_clip(hidden=24, layers=3, heads=2, projection=True, seed=22),
+        tokenizer=clip_tok,
+        text_encoder_2=tiny_models.tiny_clip(hidden=36, heads=3, act="gelu", projection=True, seed=23),
+        tokenizer_2=CLIPTokenizer.from_pretrained(helpers.CLIP_TOKENIZER, pad_token="!"),
+        text_encoder_3=tiny_models.tiny_t5(d_model=64, layers=1, heads=2, d_kv=24, seed=24),
+        tokenizer_3=t5_tok,
+        transformer=tiny_models.tiny_sd3_transformer(layers=2, heads=2, head_dim=24, joint_dim=64, caption_dim=48,
+                                                     pooled_dim=60, max_pos=12, sample_size=10, seed=25),
+    )
+    src = tiny_models.save(pipe, tmp_path / "src")
+    out = convert(src, tmp_path / "mlx", bits=None, dtype="float32", progress=False, log=lambda *a: None)
+    h, w = 40, 24  # multiples of VAE factor 4 x patch 2
+    latents = np.random.default_rng(6).standard_normal((1, 16, h // 4, w // 4)).astype(np.float32)
+    import torch
+
+    with torch.no_grad():
+        ref = pipe("a red kite over the dunes ✨", height=h, width=w, latents=torch.from_numpy(latents),
+                   negative_prompt="rain", num_inference_steps=3, guidance_scale=4.5, output_type="np").images[0]
+    ours = load_pipeline(out, progress=False).generate("a red kite over the dunes ✨", negative_prompt="rain", steps=3,
+                                                       guidance=4.5, width=w, height=h, latents=latents,
+                                                       output_type="np")
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 5e-3 and diff.mean() <= 5e-4, f"max {diff.max():.2e} mean {diff.mean():.2e}"
+    assert ref.std() > 0.03
