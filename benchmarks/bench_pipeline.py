@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,8 +49,13 @@ PRESETS = {"flux": FLUX_PRESETS, "sd3": SD3_PRESETS}
 PROMPT = "a red fox in the snow, golden hour, 35mm photograph"
 
 
-def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+def peak_rss_gb() -> float:
+    """Peak RSS of this process (VmHWM: ru_maxrss would carry over the parent's peak across exec). Not imported
+    from mlx_diffusion: the diffusers worker must not load MLX, OpenBLAS or our malloc settings."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / (1 << 20)
+    return float("nan")
 
 
 def _text_encoders(t5_dims, clip_dims, projection):

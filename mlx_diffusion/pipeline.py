@@ -56,7 +56,15 @@ class Stats:
     peak_rss_gb: float = 0.0  # process peak resident set
 
 
-def _peak_rss_gb() -> float:
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. Linux: VmHWM, because ru_maxrss survives exec (a child started by a
+    big parent would report the parent's peak)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1 << 30) * (1 if sys.platform == "darwin" else 1024)
 
@@ -187,7 +195,7 @@ class Pipeline:
         image = self.decode(self.to_vae_latents(x, height, width))
         stats.seconds["decoding"] = time.perf_counter() - t0
         stats.peak_memory_gb = mx.get_peak_memory() / (1 << 30)
-        stats.peak_rss_gb = _peak_rss_gb()
+        stats.peak_rss_gb = peak_rss_gb()
         image = np.array(image[0].astype(mx.float32))
         if output_type == "np":
             return image
