@@ -77,7 +77,6 @@ class Pipeline:
     """Shared skeleton; subclasses implement `encode`, `prepare`, `predict` and `to_vae_latents`."""
 
     family = ""
-    latent_channels_divisor = 1  # transformer in_channels per latent channel (FLUX packs 2x2 -> 4)
 
     def __init__(self, path: Path, info: dict, dtype=None, keep_text_encoders=False, progress=True):
         self.path, self.info = path, info
@@ -112,6 +111,8 @@ class Pipeline:
     # -- defaults and checks --------------------------------------------------------------------------------------
     default_steps = 28
     default_guidance: float | None = None
+    patch_size = 2  # latent pixels per token side (FLUX packs 2x2; SD3 reads its patch_size)
+    max_size = None  # largest width/height the model can take, where it has one
 
     @property
     def default_size(self) -> int:
@@ -120,10 +121,6 @@ class Pipeline:
     @property
     def size_multiple(self) -> int:
         return self.vae_scale_factor * self.patch_size
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.transformer_config.get("patch_size", 2) if self.family == "sd3" else 2)
 
     def _check(self, prompt, steps, width, height, latents):
         if not isinstance(prompt, str):
@@ -139,8 +136,6 @@ class Pipeline:
         shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None and tuple(np.shape(latents)) != shape:
             raise InputError(f"latents must have shape {shape} for {width}x{height}, got {tuple(np.shape(latents))}")
-
-    max_size = None  # largest width/height the model can take, where it has one
 
     @property
     def latent_channels(self) -> int:
@@ -329,6 +324,10 @@ class SD3Pipeline(Pipeline):
     @property
     def default_size(self) -> int:
         return int(self.transformer_config.get("sample_size", 128)) * self.vae_scale_factor
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer_config.get("patch_size", 2))
 
     @property
     def max_size(self) -> int:  # the learned position table covers pos_embed_max_size patches per side
