@@ -393,7 +393,7 @@ def load_pipeline(path, *, dtype=None, progress=True, **kwargs) -> Pipeline:
     """Open a converted MLX model folder (see tools/convert.py)."""
     path = Path(path)
     if not path.is_dir():
-        raise WeightsError(f"model folder {path} does not exist")
+        raise WeightsError(f"model folder {path} " + ("is a file, not a folder" if path.exists() else "does not exist"))
     info_file = path / INFO_FILE
     if not info_file.is_file():
         hint = " (a diffusers folder: convert it first with tools/convert.py)" if (path / "model_index.json").exists() else ""
