@@ -1,0 +1,336 @@
+"""Original single-file checkpoint names -> diffusers parameter names, as data.
+
+BFL's FLUX files (`flux1-schnell.safetensors`, GGUF conversions of it) and SAI's SD3 files use the names of the
+original training code; our models use diffusers' names. The mapping follows diffusers' own converters
+(`loaders/single_file_utils.py`: convert_flux_transformer_checkpoint_to_diffusers,
+convert_sd3_transformer_checkpoint_to_diffusers) but is written as tables so it can be read and checked at a glance:
+
+- RENAMES: (regex, replacement) applied to the whole name, first match wins;
+- FUSED: tensors that hold several diffusers tensors stacked along dim 0 (q,k,v and FLUX's q,k,v,mlp). The split
+  widths come from the tensor shapes: every piece but an optional trailing `rest` is as wide as the layer's input
+  (the hidden size), which is the last dim of the fused `.weight`; diffusers hard-codes 3072 here instead;
+- SWAPS: final-layer modulations that the original code splits as (shift, scale) and diffusers as (scale, shift).
+  Only 2-chunk modulations swap (out = 2 x in); the 6-chunk block modulations agree in both codebases, which is what
+  makes SD3's last text block (a 2-chunk AdaLayerNormContinuous) swap and the others not;
+- the LDM VAE (BFL's ae.safetensors, SAI's first_stage_model.*, after diffusers' convert_ldm_vae_checkpoint) adds
+  REVERSED_INDEX (decoder stages count the other way) and TO_LINEAR (1x1 attention convs are linears in diffusers).
+
+`to_diffusers(name -> shape)` turns this into a plan: each original name -> [Target(component, name, rows, swap,
+shape)] plus the names nothing matched (e.g. the text encoders of SAI's combined files, not mapped here). It needs
+only names and shapes (in torch order), so it can be planned from a safetensors/GGUF header before any tensor is
+read; `apply` then cuts the tensors. `detect`, `flux_config` and `sd3_config` read the model kind and the diffusers
+config from the same header.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+# Prefixes of combined single files -> the diffusers component their tensors belong to. Bare names are tried as
+# transformer names, then as VAE names (BFL's ae.safetensors).
+PREFIXES = {"model.diffusion_model.": "transformer", "first_stage_model.": "vae"}
+
+_N = r"(\d+)"
+_WB = r"(weight|bias)"
+
+_FLUX = [
+    (rf"time_in\.in_layer\.{_WB}", r"time_text_embed.timestep_embedder.linear_1.\1"),
+    (rf"time_in\.out_layer\.{_WB}", r"time_text_embed.timestep_embedder.linear_2.\1"),
+    (rf"vector_in\.in_layer\.{_WB}", r"time_text_embed.text_embedder.linear_1.\1"),
+    (rf"vector_in\.out_layer\.{_WB}", r"time_text_embed.text_embedder.linear_2.\1"),
+    (rf"guidance_in\.in_layer\.{_WB}", r"time_text_embed.guidance_embedder.linear_1.\1"),
+    (rf"guidance_in\.out_layer\.{_WB}", r"time_text_embed.guidance_embedder.linear_2.\1"),
+    (rf"txt_in\.{_WB}", r"context_embedder.\1"),
+    (rf"img_in\.{_WB}", r"x_embedder.\1"),
+    (rf"double_blocks\.{_N}\.img_mod\.lin\.{_WB}", r"transformer_blocks.\1.norm1.linear.\2"),
+    (rf"double_blocks\.{_N}\.txt_mod\.lin\.{_WB}", r"transformer_blocks.\1.norm1_context.linear.\2"),
+    (rf"double_blocks\.{_N}\.img_attn\.norm\.query_norm\.scale", r"transformer_blocks.\1.attn.norm_q.weight"),
+    (rf"double_blocks\.{_N}\.img_attn\.norm\.key_norm\.scale", r"transformer_blocks.\1.attn.norm_k.weight"),
+    (rf"double_blocks\.{_N}\.txt_attn\.norm\.query_norm\.scale", r"transformer_blocks.\1.attn.norm_added_q.weight"),
+    (rf"double_blocks\.{_N}\.txt_attn\.norm\.key_norm\.scale", r"transformer_blocks.\1.attn.norm_added_k.weight"),
+    (rf"double_blocks\.{_N}\.img_attn\.proj\.{_WB}", r"transformer_blocks.\1.attn.to_out.0.\2"),
+    (rf"double_blocks\.{_N}\.txt_attn\.proj\.{_WB}", r"transformer_blocks.\1.attn.to_add_out.\2"),
+    (rf"double_blocks\.{_N}\.img_mlp\.0\.{_WB}", r"transformer_blocks.\1.ff.net.0.proj.\2"),
+    (rf"double_blocks\.{_N}\.img_mlp\.2\.{_WB}", r"transformer_blocks.\1.ff.net.2.\2"),
+    (rf"double_blocks\.{_N}\.txt_mlp\.0\.{_WB}", r"transformer_blocks.\1.ff_context.net.0.proj.\2"),
+    (rf"double_blocks\.{_N}\.txt_mlp\.2\.{_WB}", r"transformer_blocks.\1.ff_context.net.2.\2"),
+    (rf"single_blocks\.{_N}\.modulation\.lin\.{_WB}", r"single_transformer_blocks.\1.norm.linear.\2"),
+    (rf"single_blocks\.{_N}\.norm\.query_norm\.scale", r"single_transformer_blocks.\1.attn.norm_q.weight"),
+    (rf"single_blocks\.{_N}\.norm\.key_norm\.scale", r"single_transformer_blocks.\1.attn.norm_k.weight"),
+    (rf"single_blocks\.{_N}\.linear2\.{_WB}", r"single_transformer_blocks.\1.proj_out.\2"),
+    (rf"final_layer\.linear\.{_WB}", r"proj_out.\1"),
+    (rf"final_layer\.adaLN_modulation\.1\.{_WB}", r"norm_out.linear.\1"),
+]
+
+_SD3 = [
+    (r"pos_embed", r"pos_embed.pos_embed"),
+    (rf"x_embedder\.proj\.{_WB}", r"pos_embed.proj.\1"),
+    (rf"t_embedder\.mlp\.0\.{_WB}", r"time_text_embed.timestep_embedder.linear_1.\1"),
+    (rf"t_embedder\.mlp\.2\.{_WB}", r"time_text_embed.timestep_embedder.linear_2.\1"),
+    (rf"y_embedder\.mlp\.0\.{_WB}", r"time_text_embed.text_embedder.linear_1.\1"),
+    (rf"y_embedder\.mlp\.2\.{_WB}", r"time_text_embed.text_embedder.linear_2.\1"),
+    (rf"context_embedder\.{_WB}", r"context_embedder.\1"),
+    (rf"joint_blocks\.{_N}\.x_block\.attn\.ln_q\.weight", r"transformer_blocks.\1.attn.norm_q.weight"),
+    (rf"joint_blocks\.{_N}\.x_block\.attn\.ln_k\.weight", r"transformer_blocks.\1.attn.norm_k.weight"),
+    (rf"joint_blocks\.{_N}\.context_block\.attn\.ln_q\.weight", r"transformer_blocks.\1.attn.norm_added_q.weight"),
+    (rf"joint_blocks\.{_N}\.context_block\.attn\.ln_k\.weight", r"transformer_blocks.\1.attn.norm_added_k.weight"),
+    (rf"joint_blocks\.{_N}\.x_block\.attn\.proj\.{_WB}", r"transformer_blocks.\1.attn.to_out.0.\2"),
+    (rf"joint_blocks\.{_N}\.context_block\.attn\.proj\.{_WB}", r"transformer_blocks.\1.attn.to_add_out.\2"),
+    (rf"joint_blocks\.{_N}\.x_block\.attn2\.ln_q\.weight", r"transformer_blocks.\1.attn2.norm_q.weight"),
+    (rf"joint_blocks\.{_N}\.x_block\.attn2\.ln_k\.weight", r"transformer_blocks.\1.attn2.norm_k.weight"),
+    (rf"joint_blocks\.{_N}\.x_block\.attn2\.proj\.{_WB}", r"transformer_blocks.\1.attn2.to_out.0.\2"),
+    (rf"joint_blocks\.{_N}\.x_block\.adaLN_modulation\.1\.{_WB}", r"transformer_blocks.\1.norm1.linear.\2"),
+    (rf"joint_blocks\.{_N}\.context_block\.adaLN_modulation\.1\.{_WB}",
+     r"transformer_blocks.\1.norm1_context.linear.\2"),
+    (rf"joint_blocks\.{_N}\.x_block\.mlp\.fc1\.{_WB}", r"transformer_blocks.\1.ff.net.0.proj.\2"),
+    (rf"joint_blocks\.{_N}\.x_block\.mlp\.fc2\.{_WB}", r"transformer_blocks.\1.ff.net.2.\2"),
+    (rf"joint_blocks\.{_N}\.context_block\.mlp\.fc1\.{_WB}", r"transformer_blocks.\1.ff_context.net.0.proj.\2"),
+    (rf"joint_blocks\.{_N}\.context_block\.mlp\.fc2\.{_WB}", r"transformer_blocks.\1.ff_context.net.2.\2"),
+    (rf"final_layer\.linear\.{_WB}", r"proj_out.\1"),
+    (rf"final_layer\.adaLN_modulation\.1\.{_WB}", r"norm_out.linear.\1"),
+]
+
+# (regex, one replacement per piece, whether the last piece takes the remaining rows).
+FUSED = {
+    "transformer": [
+        (rf"double_blocks\.{_N}\.img_attn\.qkv\.{_WB}",
+         [rf"transformer_blocks.\1.attn.to_{p}.\2" for p in "qkv"], False),
+        (rf"double_blocks\.{_N}\.txt_attn\.qkv\.{_WB}",
+         [rf"transformer_blocks.\1.attn.add_{p}_proj.\2" for p in "qkv"], False),
+        (rf"single_blocks\.{_N}\.linear1\.{_WB}",
+         [rf"single_transformer_blocks.\1.attn.to_{p}.\2" for p in "qkv"]
+         + [r"single_transformer_blocks.\1.proj_mlp.\2"], True),
+        (rf"joint_blocks\.{_N}\.x_block\.attn\.qkv\.{_WB}",
+         [rf"transformer_blocks.\1.attn.to_{p}.\2" for p in "qkv"], False),
+        (rf"joint_blocks\.{_N}\.context_block\.attn\.qkv\.{_WB}",
+         [rf"transformer_blocks.\1.attn.add_{p}_proj.\2" for p in "qkv"], False),
+        (rf"joint_blocks\.{_N}\.x_block\.attn2\.qkv\.{_WB}",
+         [rf"transformer_blocks.\1.attn2.to_{p}.\2" for p in "qkv"], False),
+    ],
+}
+
+# Original names whose (shift, scale) halves swap, when they are 2-chunk modulations (see the module docstring).
+SWAPS = {"transformer": [r"final_layer\.adaLN_modulation\.1\.(weight|bias)",
+                         r"joint_blocks\.\d+\.context_block\.adaLN_modulation\.1\.(weight|bias)"]}
+
+
+# LDM autoencoder (BFL's ae.safetensors, SAI's first_stage_model.*), after diffusers' convert_ldm_vae_checkpoint.
+_RES = r"(norm1|conv1|norm2|conv2)"
+_VAE = [
+    (rf"(encoder|decoder)\.(conv_in|conv_out)\.{_WB}", r"\1.\2.\3"),
+    (rf"(encoder|decoder)\.norm_out\.{_WB}", r"\1.conv_norm_out.\2"),
+    (rf"(quant_conv|post_quant_conv)\.{_WB}", r"\1.\2"),
+    (rf"encoder\.down\.{_N}\.block\.{_N}\.{_RES}\.{_WB}", r"encoder.down_blocks.\1.resnets.\2.\3.\4"),
+    (rf"encoder\.down\.{_N}\.block\.{_N}\.nin_shortcut\.{_WB}", r"encoder.down_blocks.\1.resnets.\2.conv_shortcut.\3"),
+    (rf"encoder\.down\.{_N}\.downsample\.conv\.{_WB}", r"encoder.down_blocks.\1.downsamplers.0.conv.\2"),
+    (rf"decoder\.up\.{_N}\.block\.{_N}\.{_RES}\.{_WB}", r"decoder.up_blocks.\1.resnets.\2.\3.\4"),
+    (rf"decoder\.up\.{_N}\.block\.{_N}\.nin_shortcut\.{_WB}", r"decoder.up_blocks.\1.resnets.\2.conv_shortcut.\3"),
+    (rf"decoder\.up\.{_N}\.upsample\.conv\.{_WB}", r"decoder.up_blocks.\1.upsamplers.0.conv.\2"),
+    (rf"(encoder|decoder)\.mid\.block_1\.{_RES}\.{_WB}", r"\1.mid_block.resnets.0.\2.\3"),
+    (rf"(encoder|decoder)\.mid\.block_2\.{_RES}\.{_WB}", r"\1.mid_block.resnets.1.\2.\3"),
+    (rf"(encoder|decoder)\.mid\.attn_1\.norm\.{_WB}", r"\1.mid_block.attentions.0.group_norm.\2"),
+    (rf"(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.{_WB}", r"\1.mid_block.attentions.0.to_\2.\3"),
+    (rf"(encoder|decoder)\.mid\.attn_1\.proj_out\.{_WB}", r"\1.mid_block.attentions.0.to_out.0.\2"),
+]
+
+RENAMES = {"transformer": _FLUX + _SD3, "vae": _VAE}
+
+# Block indices that count the other way in diffusers: the LDM decoder's `up.0` is its last (highest-resolution)
+# stage, diffusers' `up_blocks.0` its first. Rewritten to n - 1 - i (n counted from the names) before renaming.
+REVERSED_INDEX = {"vae": [r"(?<=^decoder\.up\.)(\d+)(?=\.)"]}
+
+# Original 1x1 convolutions that are linear layers in diffusers: their (O, I, 1, 1) weights become (O, I).
+TO_LINEAR = {"vae": [r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight"]}
+
+@dataclass(frozen=True)
+class Target:
+    component: str  # "transformer", "vae"
+    name: str  # diffusers parameter name
+    rows: tuple[int, int] | None = None  # slice [start, stop) along dim 0; None: the whole tensor
+    swap: bool = False  # exchange the two halves (of the slice) along dim 0
+    shape: tuple[int, ...] | None = None  # reshape to this (1x1 conv -> linear); None: unchanged
+
+
+@dataclass
+class Plan:
+    targets: dict[str, list[Target]] = field(default_factory=dict)  # original name -> targets
+    unknown: list[str] = field(default_factory=list)
+
+    def names(self, component: str) -> set[str]:
+        """The diffusers names the plan produces for one component (to compare with a model's parameters)."""
+        return {t.name for ts in self.targets.values() for t in ts if t.component == component}
+
+
+def _strip(name):
+    """(component or None, name without the combined-file prefix)."""
+    for prefix, comp in PREFIXES.items():
+        if name.startswith(prefix):
+            return comp, name[len(prefix):]
+    return None, name
+
+
+def _weight_shape(full_name, shapes):
+    """Shape of the `.weight` next to a `.weight`/`.bias`: biases carry no input width of their own."""
+    return shapes.get(re.sub(r"\.bias$", ".weight", full_name))
+
+
+def _reverse_indices(component, names):
+    """{original name: stripped name with REVERSED_INDEX indices counted from the other end} for one component."""
+    out = dict(names)
+    for pattern in REVERSED_INDEX.get(component, []):
+        count = max(_indices(names.values(), pattern), default=-1) + 1
+        for n, cur in out.items():
+            out[n] = re.sub(pattern, lambda m: str(count - 1 - int(m.group(1))), cur, count=1)
+    return out
+
+
+def _map_one(component, name, full_name, shapes):
+    """Targets of one tensor (`name`: prefix-free, indices already reversed), or None if no table matches it."""
+    shape = shapes[full_name]
+    for pattern, pieces, rest in FUSED.get(component, []):
+        m = re.fullmatch(pattern, name)
+        if not m:
+            continue
+        w = _weight_shape(full_name, shapes)
+        if w is None or len(w) != 2:
+            return None
+        hidden, total = w[-1], shape[0]
+        widths = [hidden] * (len(pieces) - 1)
+        widths.append(total - sum(widths) if rest else hidden)
+        if sum(widths) != total or widths[-1] <= 0:
+            return None
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        return [Target(component, m.expand(p), (s, s + w_)) for p, s, w_ in zip(pieces, starts, widths)]
+    for pattern, repl in RENAMES.get(component, []):
+        m = re.fullmatch(pattern, name)
+        if not m:
+            continue
+        swap = False
+        if any(re.fullmatch(p, name) for p in SWAPS.get(component, [])):
+            w = _weight_shape(full_name, shapes)
+            swap = w is not None and len(w) == 2 and w[0] == 2 * w[1]
+        to_shape = None
+        if shape[2:] == (1, 1) and any(re.fullmatch(p, name) for p in TO_LINEAR.get(component, [])):
+            to_shape = shape[:2]
+        return [Target(component, m.expand(repl), None, swap, to_shape)]
+    return None
+
+
+def to_diffusers(name_to_shape: dict[str, tuple[int, ...]]) -> Plan:
+    """Plan the renaming of an original-named checkpoint; names nothing matches end up in `plan.unknown`.
+
+    Shapes are in torch order (GGUF readers must reverse ggml's). Prefixed names (PREFIXES) go to their component;
+    bare names are tried as transformer names, then as VAE names.
+    """
+    shapes = {k: tuple(v) for k, v in name_to_shape.items()}
+    stripped = {k: _strip(k) for k in shapes}
+    renamed = {}  # component -> {original name: name to match}
+    for comp in RENAMES:
+        renamed[comp] = _reverse_indices(comp, {k: n for k, (c, n) in stripped.items() if c in (comp, None)})
+    plan = Plan()
+    for full_name, (component, _) in stripped.items():
+        for comp in [component] if component else list(RENAMES):
+            targets = _map_one(comp, renamed[comp][full_name], full_name, shapes)
+            if targets:
+                plan.targets[full_name] = targets
+                break
+        else:
+            plan.unknown.append(full_name)
+    return plan
+
+
+def apply(plan: Plan, tensors, component: str = "transformer") -> dict:
+    """{diffusers name: array} for one component; `tensors` maps original names to numpy or MLX arrays."""
+    out = {}
+    for original, targets in plan.targets.items():
+        for t in targets:
+            if t.component != component:
+                continue
+            x = tensors[original]
+            if t.rows is not None:
+                x = x[t.rows[0]:t.rows[1]]
+            if t.swap:
+                half = x.shape[0] // 2
+                x = _concat([x[half:], x[:half]])
+            if t.shape is not None:
+                x = x.reshape(t.shape)
+            out[t.name] = x
+    return out
+
+
+def _concat(parts):
+    if type(parts[0]).__module__.startswith("mlx"):
+        import mlx.core as mx
+
+        return mx.concatenate(parts, axis=0)
+    import numpy as np
+
+    return np.concatenate(parts, axis=0)
+
+
+def _indices(names, pattern):
+    """Sorted distinct integers captured by `pattern` (group 1) in `names`: block indices."""
+    return sorted({int(m.group(1)) for n in names if (m := re.search(pattern, n))})
+
+
+def detect(names_and_shapes) -> tuple[str, str] | None:
+    """("flux", "schnell" | "dev") or ("sd3", "3" | "3.5-medium" | "3.5-large") from tensor names alone.
+
+    stable-diffusion.cpp style: a guidance embedder makes FLUX dev; SD3.5 medium has dual-attention blocks (attn2),
+    3.5 large q/k RMSNorms without them; SD3 medium neither. Accepts a dict name -> shape or an iterable of names.
+    """
+    names = list(names_and_shapes)
+    if any(re.search(r"(^|\.)double_blocks\.\d+\.", n) for n in names):
+        return ("flux", "dev" if any(re.search(r"(^|\.)guidance_in\.", n) for n in names) else "schnell")
+    if any(re.search(r"(^|\.)joint_blocks\.\d+\.", n) for n in names):
+        if any(".attn2." in n for n in names):
+            return ("sd3", "3.5-medium")
+        if any(".attn.ln_q." in n for n in names):
+            return ("sd3", "3.5-large")
+        return ("sd3", "3")
+    return None
+
+
+def flux_config(name_to_shape) -> dict:
+    """diffusers FluxTransformer2DModel config keys derived from an original-named checkpoint's shapes."""
+    s = {re.sub(r"^model\.diffusion_model\.", "", k): tuple(v) for k, v in name_to_shape.items()}
+    hidden = s["img_in.weight"][0]
+    head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    return {
+        "in_channels": s["img_in.weight"][1],
+        "out_channels": s["final_layer.linear.weight"][0],
+        "num_layers": len(_indices(s, r"^double_blocks\.(\d+)\.")),
+        "num_single_layers": len(_indices(s, r"^single_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": s["txt_in.weight"][1],
+        "pooled_projection_dim": s["vector_in.in_layer.weight"][1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in s,
+    }
+
+
+def sd3_config(name_to_shape, attention_head_dim: int = 64) -> dict:
+    """diffusers SD3Transformer2DModel config keys derived from an original-named checkpoint's shapes.
+
+    Without q/k norms (SD3 medium) the head width is in no shape: `attention_head_dim`, 64 in all of SAI's MMDiTs.
+    `sample_size` (the position-table base size) is not in the shapes either and keeps diffusers' default.
+    """
+    s = {re.sub(r"^model\.diffusion_model\.", "", k): tuple(v) for k, v in name_to_shape.items()}
+    hidden, in_channels, patch, _ = s["x_embedder.proj.weight"]
+    head_dim = s.get("joint_blocks.0.x_block.attn.ln_q.weight", (attention_head_dim,))[0]
+    return {
+        "num_layers": len(_indices(s, r"^joint_blocks\.(\d+)\.")),
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": s["final_layer.linear.weight"][0] // (patch * patch),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": s["context_embedder.weight"][1],
+        "caption_projection_dim": hidden,
+        "pooled_projection_dim": s["y_embedder.mlp.0.weight"][1],
+        "pos_embed_max_size": math.isqrt(s["pos_embed"][1]),
+        "qk_norm": "rms_norm" if "joint_blocks.0.x_block.attn.ln_q.weight" in s else None,
+        "dual_attention_layers": tuple(_indices(s, r"^joint_blocks\.(\d+)\.x_block\.attn2\.")),
+    }
