@@ -28,17 +28,17 @@ import numpy as np
 # elementwise kernels
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
 # `mx.compile` builds its fused CPU kernels with g++ on Linux (at first evaluation); without one, stay unfused.
 _CAN_FUSE = (sys.platform != "linux" or shutil.which("g++") is not None) and not os.environ.get("MLX_DISABLE_COMPILE")
-_fuse = mx.compile if _CAN_FUSE else (lambda fn: fn)
+fuse = mx.compile if _CAN_FUSE else (lambda fn: fn)  # shared with vae.py
 
 
 def _fast_path(x) -> bool:
-    return _CAN_FUSE and x.dtype == mx.float32 and _on_cpu()
+    return _CAN_FUSE and x.dtype == mx.float32 and on_cpu()
 
 
 def _tanh_rational(z):
@@ -57,7 +57,7 @@ def _tanh_rational(z):
     return z * p / q
 
 
-@_fuse
+@fuse
 def _gelu_tanh_fused(x):
     half_x = 0.5 * x
     return half_x + half_x * _tanh_rational(x * (0.7978845608028654 + 0.035677408136300125 * (x * x)))
@@ -68,7 +68,7 @@ def gelu_tanh(x):
     return _gelu_tanh_fused(x) if _fast_path(x) else nn.gelu_approx(x)
 
 
-@_fuse
+@fuse
 def _softmax_numerator(s, row_max):
     # e^(s - max + 15) as p(u)^64 with u = (s - max + 15) / 64 in [-0.23, 0.23] and p the degree-6 Taylor polynomial:
     # only multiply-adds. Relative error ~5e-6 (rounding amplified by the squarings). The constant e^15 cancels in
@@ -82,7 +82,7 @@ def _softmax_numerator(s, row_max):
     return p
 
 
-@_fuse
+@fuse
 def _gated_add(x, gate, y):
     return x + gate * y
 
@@ -129,7 +129,7 @@ def sdpa(q, k, v, scale: float | None = None, max_scores: int = 1 << 22):
     B, H, L, D = q.shape
     S = k.shape[2]
     scale = D**-0.5 if scale is None else scale
-    if not _on_cpu():
+    if not on_cpu():
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
         return o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
     if scale != 1.0:
@@ -154,7 +154,7 @@ def sdpa(q, k, v, scale: float | None = None, max_scores: int = 1 << 22):
     return mx.concatenate(heads, axis=2).reshape(B, L, H * D)
 
 
-@_fuse
+@fuse
 def _rotate_pairs(x, x_swapped, cos, sin):
     return x * cos + x_swapped * sin
 

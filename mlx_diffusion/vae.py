@@ -18,25 +18,17 @@ through a 9x im2col buffer:
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import config_kwargs
+from .layers import fuse, on_cpu
 
 # Scratch memory budget, in elements, of one band of a large conv or GroupNorm+SiLU: large maps are processed in bands
 # of rows, each evaluated into its slice of a preallocated output. Bounds e.g. a 1024^2 decode's peak memory.
 BAND_ELEMENTS = 1 << 26
-
-# `mx.compile` builds its fused CPU kernels with g++ on Linux (at first use); without a compiler, run unfused.
-_fuse = mx.compile if sys.platform != "linux" or shutil.which("g++") else (lambda fn: fn)
-
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 @dataclass
@@ -87,14 +79,14 @@ def _horner(z, coeffs):
 
 # SiLU runs as two compiled kernels on contiguous data. A single fused graph is deeper than MLX's fusion limit and
 # gets split at arbitrary points, and min/max (clip) in a kernel keep g++ from vectorizing it: hence `where`.
-@_fuse
+@fuse
 def _tanh_num_den(u):
     c = mx.where(u > _TANH_CLAMP, _TANH_CLAMP, mx.where(u < -_TANH_CLAMP, -_TANH_CLAMP, u))
     z = c * c
     return c * _horner(z, _TANH_P), _horner(z, _TANH_Q)
 
 
-@_fuse
+@fuse
 def _silu_finish(u, num, den):
     return u + u * (num / den)
 
@@ -114,7 +106,7 @@ def _group_sum(a):
     return a.sum(axis=2, keepdims=True).sum(axis=4, keepdims=True).sum(axis=1, keepdims=True)
 
 
-@_fuse
+@fuse
 def _group_norm_affine(g, weight, bias, eps: float, factor: float):
     """Per-(sample, channel) scale and shift of GroupNorm on g = (B, H, W, G, Cg), both times `factor`.
 
@@ -127,7 +119,7 @@ def _group_norm_affine(g, weight, bias, eps: float, factor: float):
     return scale, factor * bias.reshape(g.shape[3], -1) - mean * scale
 
 
-@_fuse
+@fuse
 def _affine(x, scale, shift):
     return x * scale + shift
 
@@ -189,7 +181,7 @@ def winograd_weights(w):
     return (gg @ w.astype(mx.float32).transpose(1, 2, 3, 0).reshape(9, -1)).reshape(_T * _T, C, O).astype(w.dtype)
 
 
-@_fuse
+@fuse
 def _winograd_in(p, nt: int, ns: int, offsets: tuple, step: int):
     """Input tiles B^T d B; tile (i, j) row k is p's row offsets[k] + step * i (columns alike)."""
     rows = [p[:, o : o + step * nt : step] for o in offsets]
@@ -201,7 +193,7 @@ def _winograd_in(p, nt: int, ns: int, offsets: tuple, step: int):
     return out
 
 
-@_fuse
+@fuse
 def _winograd_out(m, bias):
     """Output tiles A^T m A + bias, interleaved to (B, nt, 4, ns, 4, O)."""
     tiles = []
@@ -211,7 +203,7 @@ def _winograd_out(m, bias):
     return mx.stack(tiles, axis=2)
 
 
-@_fuse
+@fuse
 def _sum_shifted_taps(y, H: int, W: int, O: int):
     """y: (B, rows, 9 * O) products of the flattened padded input with each tap's weights -> (B, H * (W + 2), O)."""
     n, wp = H * (W + 2), W + 2
@@ -285,7 +277,7 @@ class Conv2d(nn.Module):
 
     def __call__(self, x, upsample: bool = False):
         w = self.weight
-        if w.shape[1:3] == (3, 3) and self.stride == 1 and self.padding == 1 and _on_cpu():
+        if w.shape[1:3] == (3, 3) and self.stride == 1 and self.padding == 1 and on_cpu():
             return conv3x3(x, w, self.bias, upsample)
         if upsample:  # nearest x2
             B, H, W, C = x.shape

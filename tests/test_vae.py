@@ -71,7 +71,7 @@ def test_decode_matches_diffusers(vaes, path, monkeypatch):
     if path == "banded":  # the large-map code path: GroupNorm+SiLU and Winograd convs in bands of a few rows
         monkeypatch.setattr(vae, "BAND_ELEMENTS", 1 << 13)
     if path == "plain":  # the GPU path: mx.conv_general and an explicit nearest upsampling
-        monkeypatch.setattr(vae, "_on_cpu", lambda: False)
+        monkeypatch.setattr(vae, "on_cpu", lambda: False)
     rng = np.random.default_rng(0)
     z = rng.standard_normal((1, 6, 10, ref.config.latent_channels)).astype(np.float32)
     with torch.no_grad():
