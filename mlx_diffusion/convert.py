@@ -11,6 +11,12 @@ Output layout (one subfolder per component, as diffusers):
 
 Tensors are streamed one at a time, and the folder is written under a temporary sibling name and renamed at the end,
 so an error or Ctrl-C leaves nothing behind. The command line is `tools/convert.py`.
+
+`transformer=FILE` takes the transformer from a single file instead of the folder (everything else still comes from
+the folder): a safetensors file in the original naming (BFL FLUX, SAI SD3; mapped by `names`, its config derived
+from the shapes) or in diffusers naming, or a GGUF file. The kind is read from the file's first bytes, not its name.
+GGUF tensors stored in float stay float; with quantization on, the types that are affine on groups of 32
+(Q4_0 ... Q5_K) are repacked losslessly at their own bit width, the others (Q2_K, Q3_K, Q6_K) requantized.
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import __version__
+from . import names as N
 from .components import Kind, class_name, kind_of
+from .gguf import GGUFFile
 from .weights import (
     QUANT_KEY,
     WEIGHTS_FILE,
     Checkpoint,
+    SafetensorsFile,
     SafetensorsWriter,
     WeightsError,
     build_model,
@@ -73,6 +82,20 @@ def _expected_parameters(kind: Kind, config: dict, where) -> dict:
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
+def check_tensors(where, model_name: str, expected: dict, shapes: dict):
+    """One-line errors for tensors a checkpoint lacks or has extra (listed), or whose shapes differ from the model's."""
+    missing = sorted(set(expected) - set(shapes))
+    unknown = sorted(set(shapes) - set(expected))
+    if missing or unknown:
+        parts = [f"{len(missing)} missing: {', '.join(missing[:5])}" if missing else "",
+                 f"{len(unknown)} unknown: {', '.join(unknown[:5])}" if unknown else ""]
+        raise WeightsError(f"{where}: tensors do not match {model_name} ({'; '.join(p for p in parts if p)})")
+    bad = [n for n in expected if expected[n] != shapes[n]]
+    if bad:
+        n = bad[0]
+        raise WeightsError(f"{where}: {len(bad)} tensor shape mismatches, e.g. {n}: {shapes[n]} vs {expected[n]} from config")
+
+
 def convert_component(src: Path, dst: Path, *, bits, group_size, dtype, bar=None) -> dict:
     """Convert one model component folder; returns its entry for mlx_diffusion.json."""
     config = read_json(src / "config.json")
@@ -81,16 +104,7 @@ def convert_component(src: Path, dst: Path, *, bits, group_size, dtype, bar=None
     names = kind.rename(list(ckpt.keys()))
     expected = _expected_parameters(kind, config, src)
     shapes = {new: tuple(to_mlx_layout(new, _Shape(ckpt.shape(old))).shape) for new, old in names.items()}
-    missing = sorted(set(expected) - set(shapes))
-    unknown = sorted(set(shapes) - set(expected))
-    if missing or unknown:
-        parts = [f"{len(missing)} missing: {', '.join(missing[:5])}" if missing else "",
-                 f"{len(unknown)} unknown: {', '.join(unknown[:5])}" if unknown else ""]
-        raise WeightsError(f"{src}: tensors do not match {class_name(config)} ({'; '.join(p for p in parts if p)})")
-    bad = [n for n in expected if expected[n] != shapes[n]]
-    if bad:
-        n = bad[0]
-        raise WeightsError(f"{src}: {len(bad)} tensor shape mismatches, e.g. {n}: {shapes[n]} vs {expected[n]} from config")
+    check_tensors(src, class_name(config), expected, shapes)
 
     dst.mkdir(parents=True)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
@@ -137,8 +151,152 @@ class _Shape:
         return _Shape([self.shape[a] for a in axes])
 
 
-def convert(source, out, *, bits: int | None = 4, group_size: int = 64, dtype: str = "bfloat16", force=False,
-            progress=True, log=print) -> Path:
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def open_single_file(path):
+    """A GGUFFile or SafetensorsFile, chosen by the file's magic bytes; pickles are refused."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: file not found") from None
+    if head[:4] == b"GGUF":
+        return GGUFFile(path)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive / bare pickle stream
+        raise WeightsError(f"{path}: pickle checkpoints are refused (they can run code); use safetensors or GGUF")
+    return SafetensorsFile(path)
+
+
+def _variant(family: str, config: dict) -> str:
+    if family == "flux":
+        return "dev" if config.get("guidance_embeds") else "schnell"
+    return "3.5" if config.get("qk_norm") or config.get("dual_attention_layers") else "3"
+
+
+def _plan_file(f, family: str, kind: Kind, config: dict):
+    """(plan, config) for a single transformer file: original names through `names`, diffusers names as they are."""
+    shapes = {k: f.shape(k) for k in f.keys()}
+    detected = N.detect(shapes)
+    if detected is None:  # diffusers naming
+        plan = N.Plan({old: [N.Target("transformer", new)] for new, old in kind.rename(list(shapes)).items()})
+        return plan, config
+    if detected[0] != family:
+        raise WeightsError(f"{f.path}: holds a {detected[0]} transformer but the folder is {family}")
+    plan = N.to_diffusers(shapes)
+    if plan.unknown:
+        raise WeightsError(f"{f.path}: {len(plan.unknown)} unknown tensors: {', '.join(plan.unknown[:5])}")
+    try:
+        derived = N.flux_config(shapes) if family == "flux" else N.sd3_config(shapes)
+    except KeyError as e:
+        raise WeightsError(f"{f.path}: tensors do not match a {family} transformer (missing {e.args[0]})") from None
+    derived = {k: list(v) if isinstance(v, tuple) else v for k, v in derived.items()}
+    return plan, {**config, **derived}
+
+
+def _target_shape(t, shape):
+    if t.rows is not None:
+        shape = (t.rows[1] - t.rows[0], *shape[1:])
+    return tuple(t.shape or shape)
+
+
+def _cut(t, x):
+    """One plan target of an array (rows, halves swap, reshape) in MLX layout."""
+    if t.rows is not None:
+        x = x[t.rows[0]:t.rows[1]]
+    if t.swap:
+        half = x.shape[0] // 2
+        x = mx.concatenate([x[half:], x[:half]], axis=0)
+    if t.shape is not None:
+        x = x.reshape(t.shape)
+    return to_mlx_layout(t.name, x)
+
+
+def convert_transformer_file(path, src: Path, dst: Path, family: str, *, bits, group_size, dtype, bar=None,
+                             log=print) -> dict:
+    """Convert a single-file transformer (safetensors or GGUF) with the folder's `src` config; entry for the info."""
+    f = open_single_file(path)
+    is_gguf = isinstance(f, GGUFFile)
+    config = read_json(src / "config.json")
+    kind = kind_of(config, str(src))
+    plan, config = _plan_file(f, family, kind, config)
+    expected = _expected_parameters(kind, config, path)
+    shapes = {t.name: tuple(to_mlx_layout(t.name, _Shape(_target_shape(t, f.shape(old)))).shape)
+              for old, ts in plan.targets.items() for t in ts}
+    check_tensors(path, class_name(config), expected, shapes)
+
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    quantized, requantized, types = {}, [], {}
+    writer = SafetensorsWriter(dst / WEIGHTS_FILE)
+
+    def add_float(name, a, may_quantize):
+        if may_quantize and bits and kind.quantizable and should_quantize(name, a.shape, kind.keep, group_size):
+            wq, scales, biases = quantize(a, bits, group_size)
+            add_quantized(name, wq, scales.astype(dtype), biases.astype(dtype), bits, group_size)
+            return True
+        writer.add(name, a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+        return False
+
+    def add_quantized(name, wq, scales, biases, b, gs):
+        layer = name[: -len(".weight")]
+        writer.add(name, wq)
+        writer.add(layer + ".scales", scales)
+        writer.add(layer + ".biases", biases)
+        quantized[layer] = [b, gs]
+
+    try:
+        for old, targets in plan.targets.items():
+            qtype = f.qtype(old) if is_gguf else None
+            if qtype is not None:
+                types[qtype] = types.get(qtype, 0) + 1
+            packed = None
+            if qtype not in (None, *_FLOAT_TYPES) and bits and len(f.shape(old)) == 2:
+                packed = f.repack(old)
+            if packed is not None:
+                # GGUF blocks run along rows, so the plan's row slices and swaps apply to the packed rows as they are;
+                # scales stay float32: a K-quant scale has 17 significant bits, and f16 dequantization would round
+                wq, scales, biases, b, gs = packed
+                arrays = [mx.array(wq), mx.array(scales), mx.array(biases)]
+                for t in targets:
+                    add_quantized(t.name, *(_cut(t, x) for x in arrays), b, gs)
+            else:
+                a = mx.array(f.get(old)) if is_gguf else f.get(old)
+                for t in targets:
+                    # float tensors of a GGUF stay float; its other types are requantized at `bits`
+                    if add_float(t.name, _cut(t, a), may_quantize=qtype is None or qtype not in _FLOAT_TYPES):
+                        if qtype is not None:
+                            requantized.append(f"{t.name} ({qtype})")
+            if bar is not None:
+                bar.update(f.raw(old).nbytes)
+        writer.metadata[QUANT_KEY] = json.dumps(quantized)
+        writer.metadata["format"] = "mlx"
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if requantized:
+        log(f"requantized {len(requantized)} GGUF tensors at {bits} bits (no lossless MLX form): "
+            f"{', '.join(requantized[:5])}{', ...' if len(requantized) > 5 else ''}")
+    used_bits = sorted({b for b, _ in quantized.values()})
+    used_groups = sorted({g for _, g in quantized.values()})
+    return {
+        "class": class_name(config),
+        "source_files": [str(Path(path).resolve())],
+        "source_format": "gguf" if is_gguf else "safetensors",
+        **({"gguf_types": types} if is_gguf else {}),
+        "tensors": len(shapes),
+        "quantized_layers": len(quantized),
+        "requantized_layers": len(requantized),
+        "bits": (used_bits[0] if len(used_bits) == 1 else used_bits) if quantized else None,
+        "group_size": (used_groups[0] if len(used_groups) == 1 else used_groups) if quantized else None,
+        "dtype": str(dtype).split(".")[-1],
+    }
+
+
+def convert(source, out, *, transformer=None, bits: int | None = 4, group_size: int = 64, dtype: str = "bfloat16",
+            force=False, progress=True, log=print) -> Path:
     source, out = Path(source), Path(out)
     if bits is not None and bits not in BITS:
         raise WeightsError(f"unsupported bit width {bits} (choose from {', '.join(map(str, BITS))} or none)")
@@ -165,7 +323,9 @@ def convert(source, out, *, bits: int | None = 4, group_size: int = 64, dtype: s
     started = time.time()
     try:
         tmp.mkdir()
-        total = sum(f.stat().st_size for c in present for f in (source / c).glob("*.safetensors"))
+        parts = [c for c in present if not (transformer and c == "transformer")]
+        total = sum(f.stat().st_size for c in parts for f in (source / c).glob("*.safetensors"))
+        total += Path(transformer).stat().st_size if transformer and Path(transformer).is_file() else 0
         info = {
             "format_version": FORMAT_VERSION,
             "converter_version": __version__,
@@ -179,9 +339,14 @@ def convert(source, out, *, bits: int | None = 4, group_size: int = 64, dtype: s
         }
         with _progress(total, progress, f"converting {source.name}") as bar:
             for c in present:
-                info["components"][c] = convert_component(
-                    source / c, tmp / c, bits=bits, group_size=group_size, dtype=DTYPES[dtype], bar=bar
-                )
+                if transformer is not None and c == "transformer":
+                    entry = convert_transformer_file(transformer, source / c, tmp / c, family, bits=bits,
+                                                     group_size=group_size, dtype=DTYPES[dtype], bar=bar, log=log)
+                    info["variant"] = variant = _variant(family, read_json(tmp / c / "config.json"))
+                else:
+                    entry = convert_component(source / c, tmp / c, bits=bits, group_size=group_size,
+                                              dtype=DTYPES[dtype], bar=bar)
+                info["components"][c] = entry
         for c in COPIED_COMPONENTS:
             if (source / c).is_dir():
                 shutil.copytree(source / c, tmp / c)
