@@ -57,6 +57,27 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FORMAT_VERSION = 1
 INFO_FILE = "mlx_diffusion.json"
 _PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+# `--model NAME`: the diffusers repositories, and the files of them we read (not the root single files, which
+# duplicate the transformer and VAE: FLUX.1-schnell's would add 24 GB to the download)
+MODELS = {
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+}
+_MODEL_FILES = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model"]
+
+
+def resolve_model(name: str) -> Path:
+    """The local diffusers folder of a known model, through huggingface_hub (its cache, HF_HUB_OFFLINE, tokens)."""
+    if name not in MODELS:
+        raise WeightsError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(MODELS[name], allow_patterns=_MODEL_FILES))
+    except Exception as e:  # offline without a cached copy, gated repository without a token, network errors
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise WeightsError(f"cannot get {MODELS[name]} ({e.__class__.__name__}: {msg})") from None
 
 
 def _progress(total, enabled, desc):

@@ -19,13 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import click  # noqa: E402
 
 import mlx_diffusion  # noqa: E402,F401  (before mlx.core: fast BLAS)
-from mlx_diffusion.convert import BITS, DTYPES, GROUP_SIZES, convert  # noqa: E402
+from mlx_diffusion.convert import BITS, DTYPES, GROUP_SIZES, MODELS, convert, resolve_model  # noqa: E402
 from mlx_diffusion.generate import run  # noqa: E402
 from mlx_diffusion.weights import WeightsError  # noqa: E402
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path), required=False)
+@click.option("--model", "model_name", type=click.Choice(list(MODELS)),
+              help="Instead of SOURCE: a known model, fetched or found in the Hugging Face cache (HF_HUB_OFFLINE=1: "
+                   "cache only).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output MLX model folder.")
 @click.option("--transformer", type=click.Path(path_type=Path),
               help="Single-file transformer (safetensors or GGUF) to use instead of the folder's.")
@@ -36,9 +39,13 @@ from mlx_diffusion.weights import WeightsError  # noqa: E402
               help="dtype of everything not quantized.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(source, out, transformer, bits, group_size, dtype, force, quiet):
+def main(source, model_name, out, transformer, bits, group_size, dtype, force, quiet):
     """Convert SOURCE (a diffusers FLUX.1 or SD3 folder) into an MLX model folder."""
+    if (source is None) == (model_name is None):
+        raise click.UsageError("give either SOURCE or --model NAME")
     try:
+        if model_name:
+            source = resolve_model(model_name)
         convert(source, out, transformer=transformer, bits=None if bits == "none" else int(bits),
                 group_size=int(group_size), dtype=dtype, force=force, progress=not quiet)
     except WeightsError as e:
