@@ -4,14 +4,14 @@ Our modules use the reference (diffusers / transformers) parameter names, so a d
 by identity; the only layout change is PyTorch's conv weight OIHW -> MLX's OHWI.
 
 safetensors files are read and written here rather than through `safetensors`/`mx.load` because numpy cannot hold
-bfloat16 and whole-file loaders hold every tensor at once: we memory-map the file and hand out one tensor at a time,
-which keeps conversion memory bounded by the largest tensor, and we detect truncated or corrupt files ourselves.
+bfloat16 and whole-file loaders hold every tensor at once: we read one tensor at a time with positioned reads (not a
+memory map, whose pages would stay counted in the process's RSS until the end), which keeps conversion memory bounded
+by the largest tensor, and we detect truncated or corrupt files ourselves.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import struct
@@ -43,7 +43,7 @@ _MX_TO_ST = {
 
 
 class SafetensorsFile:
-    """A memory-mapped safetensors file: names, shapes and dtypes from the header, tensors one at a time."""
+    """A safetensors file: names, shapes and dtypes from the header, tensors read one at a time."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -57,7 +57,6 @@ class SafetensorsFile:
                 if n > min(size - 8, 100 << 20):
                     raise WeightsError(f"{self.path}: not a safetensors file (bad header length)")
                 header = json.loads(f.read(n))
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             if isinstance(e, FileNotFoundError):
                 raise WeightsError(f"{self.path}: file not found") from None
@@ -92,13 +91,15 @@ class SafetensorsFile:
         return e - b
 
     def raw(self, name) -> np.ndarray:
-        """A read-only numpy view of the tensor's bytes (bfloat16 as uint16 bit patterns), no copy."""
+        """The tensor read from disk as numpy (bfloat16 as uint16 bit patterns)."""
         info = self._info[name]
         begin, end = info["data_offsets"]
-        dt = np.dtype(_ST_DTYPES[info["dtype"]])
-        return np.frombuffer(self._map, dtype=dt, count=(end - begin) // dt.itemsize, offset=self._start + begin).reshape(
-            info["shape"]
-        )
+        buf = bytearray(end - begin)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._start + begin)
+            if f.readinto(buf) != len(buf):
+                raise WeightsError(f"{self.path}: file is truncated ({name} lies past its end)")
+        return np.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def get(self, name) -> mx.array:
         """The tensor as an MLX array in its stored dtype (bfloat16 stays bfloat16)."""
