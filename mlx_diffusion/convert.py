@@ -17,12 +17,18 @@ the folder): a safetensors file in the original naming (BFL FLUX, SAI SD3; mappe
 from the shapes) or in diffusers naming, or a GGUF file. The kind is read from the file's first bytes, not its name.
 GGUF tensors stored in float stay float; with quantization on, the types that are affine on groups of 32
 (Q4_0 ... Q5_K) are repacked losslessly at their own bit width, the others (Q2_K, Q3_K, Q6_K) requantized.
+
+`vae=FILE`, `clip_l=FILE`, `clip_g=FILE` (SD3), `t5=FILE` do the same for the other components, with the folder's
+config: BFL's ae.safetensors (LDM names), ComfyUI's clip_l / clip_g / t5xxl files (transformers names), diffusers
+names, or SAI's combined file (the same file may be given for several components; each takes its own prefix).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -196,24 +202,49 @@ def _variant(family: str, config: dict) -> str:
     return "3.5" if config.get("qk_norm") or config.get("dual_attention_layers") else "3"
 
 
-def _plan_file(f, family: str, kind: Kind, config: dict):
-    """(plan, config) for a single transformer file: original names through `names`, diffusers names as they are."""
+# The folder component each single-file option fills, per family (`names` component -> diffusers folder)
+FILE_COMPONENTS = {
+    "flux": {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5": "text_encoder_2"},
+    "sd3": {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "clip_g": "text_encoder_2",
+            "t5": "text_encoder_3"},
+}
+# LDM VAE names (BFL's ae.safetensors, SAI's first_stage_model.*), as opposed to diffusers' down_blocks / up_blocks
+_LDM_VAE = re.compile(r"(^|\.)(encoder\.down|decoder\.up)\.\d+\.")
+
+
+def _plan_file(f, component: str, family: str, kind: Kind, config: dict):
+    """(plan, config) for one component of a single file: original names through `names`, diffusers names as they
+    are. Tensors a combined file's prefix gives to other components are left out; the target names then go through
+    the model's `sanitize`, as a folder's would."""
     shapes = {k: f.shape(k) for k in f.keys()}
-    detected = N.detect(shapes)
-    if detected is None:  # diffusers naming
-        plan = N.Plan({old: [N.Target("transformer", new)] for new, old in kind.rename(list(shapes)).items()})
-        return plan, config
-    if detected[0] != family:
-        raise WeightsError(f"{f.path}: holds a {detected[0]} transformer but the folder is {family}")
-    plan = N.to_diffusers(shapes)
-    if plan.unknown:
-        raise WeightsError(f"{f.path}: {len(plan.unknown)} unknown tensors: {', '.join(plan.unknown[:5])}")
-    try:
-        derived = N.flux_config(shapes) if family == "flux" else N.sd3_config(shapes)
-    except KeyError as e:
-        raise WeightsError(f"{f.path}: tensors do not match a {family} transformer (missing {e.args[0]})") from None
-    derived = {k: list(v) if isinstance(v, tuple) else v for k, v in derived.items()}
-    return plan, {**config, **derived}
+    if component == "transformer":
+        detected = N.detect(shapes)
+        if detected is not None and detected[0] != family:
+            raise WeightsError(f"{f.path}: holds a {detected[0]} transformer but the folder is {family}")
+        original = detected is not None
+    else:
+        original = component != "vae" or any(_LDM_VAE.search(n) or N.component_of(n) for n in shapes)
+    if original:
+        plan = N.to_diffusers(shapes, components=(component,))
+        unknown = [n for n in plan.unknown if N.component_of(n) in (None, component)]
+        if unknown:
+            raise WeightsError(f"{f.path}: {len(unknown)} unknown tensors: {', '.join(unknown[:5])}")
+    else:
+        plan = N.Plan({old: [N.Target(component, old)] for old in shapes})
+    if original and component == "transformer":
+        try:
+            derived = N.flux_config(shapes) if family == "flux" else N.sd3_config(shapes)
+        except KeyError as e:
+            raise WeightsError(f"{f.path}: tensors do not match a {family} transformer (missing {e.args[0]})") from None
+        config = {**config, **{k: list(v) if isinstance(v, tuple) else v for k, v in derived.items()}}
+    mine = {t.name: (old, t) for old, ts in plan.targets.items() for t in ts if t.component == component}
+    targets = {}
+    for new, name in kind.rename(list(mine)).items():
+        old, t = mine[name]
+        targets.setdefault(old, []).append(dataclasses.replace(t, name=new))
+    if not targets:
+        raise WeightsError(f"{f.path}: no {component} tensors in the file")
+    return N.Plan(targets), config
 
 
 def _target_shape(t, shape):
@@ -234,14 +265,15 @@ def _cut(t, x):
     return to_mlx_layout(t.name, x)
 
 
-def convert_transformer_file(path, src: Path, dst: Path, family: str, *, bits, group_size, dtype, bar=None,
-                             log=print) -> dict:
-    """Convert a single-file transformer (safetensors or GGUF) with the folder's `src` config; entry for the info."""
+def convert_file(path, src: Path, dst: Path, family: str, component: str = "transformer", *, bits, group_size,
+                 dtype, bar=None, log=print) -> dict:
+    """Convert one component (a `names` component: transformer, vae, clip_l, clip_g, t5) of a single file
+    (safetensors or GGUF) with the folder's `src` config; returns its entry for the info."""
     f = open_single_file(path)
     is_gguf = isinstance(f, GGUFFile)
     config = read_json(src / "config.json")
     kind = kind_of(config, str(src))
-    plan, config = _plan_file(f, family, kind, config)
+    plan, config = _plan_file(f, component, family, kind, config)
     expected = _expected_parameters(kind, config, path)
     shapes = {t.name: tuple(to_mlx_layout(t.name, _Shape(_target_shape(t, f.shape(old)))).shape)
               for old, ts in plan.targets.items() for t in ts}
@@ -290,7 +322,7 @@ def convert_transformer_file(path, src: Path, dst: Path, family: str, *, bits, g
                         if qtype is not None:
                             requantized.append(f"{t.name} ({qtype})")
             if bar is not None:
-                bar.update(f.raw(old).nbytes)
+                bar.update(f.nbytes(old))
         writer.metadata[QUANT_KEY] = json.dumps(quantized)
         writer.metadata["format"] = "mlx"
         writer.close()
@@ -316,7 +348,7 @@ def convert_transformer_file(path, src: Path, dst: Path, family: str, *, bits, g
     }
 
 
-def convert(source, out, *, transformer=None, bits: int | None = 4, group_size: int = 64, dtype: str = "bfloat16",
+def convert(source, out, *, transformer=None, vae=None, clip_l=None, clip_g=None, t5=None, bits: int | None = 4, group_size: int = 64, dtype: str = "bfloat16",
             force=False, progress=True, log=print) -> Path:
     source, out = Path(source), Path(out)
     if bits is not None and bits not in BITS:
@@ -336,6 +368,15 @@ def convert(source, out, *, transformer=None, bits: int | None = 4, group_size: 
     present = [c for c in MODEL_COMPONENTS if index.get(c) and index[c][0] is not None and (source / c).is_dir()]
     if "transformer" not in present or "vae" not in present:
         raise WeightsError(f"{source}: the folder has no transformer/ or vae/ component")
+    given = {k: v for k, v in dict(transformer=transformer, vae=vae, clip_l=clip_l, clip_g=clip_g, t5=t5).items()
+             if v is not None}
+    files = {}  # folder component -> (names component, single file)
+    for part, path in given.items():
+        folder = FILE_COMPONENTS[family].get(part)
+        if folder is None or folder not in present:
+            raise WeightsError(f"{source}: a {family} folder {'has no' if folder else 'takes no'} {part} text encoder"
+                               f" to replace with {path}")
+        files[folder] = (part, path)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -344,9 +385,8 @@ def convert(source, out, *, transformer=None, bits: int | None = 4, group_size: 
     started = time.time()
     try:
         tmp.mkdir()
-        parts = [c for c in present if not (transformer and c == "transformer")]
-        total = sum(f.stat().st_size for c in parts for f in (source / c).glob("*.safetensors"))
-        total += Path(transformer).stat().st_size if transformer and Path(transformer).is_file() else 0
+        total = sum(f.stat().st_size for c in present if c not in files for f in (source / c).glob("*.safetensors"))
+        total += sum(Path(p).stat().st_size for _, p in files.values() if Path(p).is_file())
         info = {
             "format_version": FORMAT_VERSION,
             "converter_version": __version__,
@@ -360,10 +400,12 @@ def convert(source, out, *, transformer=None, bits: int | None = 4, group_size: 
         }
         with _progress(total, progress, f"converting {source.name}") as bar:
             for c in present:
-                if transformer is not None and c == "transformer":
-                    entry = convert_transformer_file(transformer, source / c, tmp / c, family, bits=bits,
-                                                     group_size=group_size, dtype=DTYPES[dtype], bar=bar, log=log)
-                    info["variant"] = variant = _variant(family, read_json(tmp / c / "config.json"))
+                if c in files:
+                    part, path = files[c]
+                    entry = convert_file(path, source / c, tmp / c, family, part, bits=bits, group_size=group_size,
+                                         dtype=DTYPES[dtype], bar=bar, log=log)
+                    if part == "transformer":
+                        info["variant"] = variant = _variant(family, read_json(tmp / c / "config.json"))
                 else:
                     entry = convert_component(source / c, tmp / c, bits=bits, group_size=group_size,
                                               dtype=DTYPES[dtype], bar=bar)

@@ -274,6 +274,9 @@ class GGUFFile:
         """The stored data without copying: shaped (..., row_bytes) uint8 for block types, typed for F32/F16."""
         return self._tensors[name].data
 
+    def nbytes(self, name) -> int:
+        return int(self._tensors[name].n_bytes)
+
     def get(self, name) -> np.ndarray:
         """The tensor decoded to float32 in numpy order."""
         return dequantize(self.raw(name), self.qtype(name)).reshape(self.shape(name))

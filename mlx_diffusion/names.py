@@ -16,7 +16,7 @@ convert_sd3_transformer_checkpoint_to_diffusers) but is written as tables so it 
   REVERSED_INDEX (decoder stages count the other way) and TO_LINEAR (1x1 attention convs are linears in diffusers).
 
 `to_diffusers(name -> shape)` turns this into a plan: each original name -> [Target(component, name, rows, swap,
-shape)] plus the names nothing matched (e.g. the text encoders of SAI's combined files, not mapped here). It needs
+shape)] plus the names nothing matched (e.g. the text encoders of SAI's combined files unless asked for). It needs
 only names and shapes (in torch order), so it can be planned from a safetensors/GGUF header before any tensor is
 read; `apply` then cuts the tensors. `detect`, `flux_config` and `sd3_config` read the model kind and the diffusers
 config from the same header.
@@ -28,9 +28,18 @@ import math
 import re
 from dataclasses import dataclass, field
 
-# Prefixes of combined single files -> the diffusers component their tensors belong to. Bare names are tried as
-# transformer names, then as VAE names (BFL's ae.safetensors).
-PREFIXES = {"model.diffusion_model.": "transformer", "first_stage_model.": "vae"}
+# Prefixes of combined single files -> the component their tensors belong to. Bare names are tried as transformer
+# names, then as VAE names (BFL's ae.safetensors). The text encoders (`clip_l`, `clip_g`, `t5`) are mapped only when
+# asked for (`to_diffusers(..., components=)`): their bare names cannot tell CLIP-L from CLIP-G, and which diffusers
+# folder they go to depends on the pipeline (SD3's T5 is text_encoder_3, FLUX's text_encoder_2).
+PREFIXES = {
+    "model.diffusion_model.": "transformer",
+    "first_stage_model.": "vae",
+    "text_encoders.clip_l.": "clip_l",
+    "text_encoders.clip_g.": "clip_g",
+    "text_encoders.t5xxl.": "t5",
+}
+DEFAULT_COMPONENTS = ("transformer", "vae")
 
 _N = r"(\d+)"
 _WB = r"(weight|bias)"
@@ -135,7 +144,16 @@ _VAE = [
     (rf"(encoder|decoder)\.mid\.attn_1\.proj_out\.{_WB}", r"\1.mid_block.attentions.0.to_out.0.\2"),
 ]
 
-RENAMES = {"transformer": _FLUX + _SD3, "vae": _VAE}
+# Text encoders in single files (ComfyUI's clip_l / clip_g / t5xxl files, SAI's text_encoders.*) use transformers'
+# names, sometimes under `transformer.`; the model modules' `sanitize` then restores a missing `text_model.` prefix
+# and unties T5's embeddings. OpenCLIP-named CLIP-G files (`transformer.resblocks.N.*`) are not mapped.
+_TEXT = [(r"(?:transformer\.)?(.+)", r"\1")]
+
+RENAMES = {"transformer": _FLUX + _SD3, "vae": _VAE, "clip_l": _TEXT, "clip_g": _TEXT, "t5": _TEXT}
+
+# Tensors of single files that no model parameter stands for: CLIP's logit scale (a contrastive-training leftover)
+# and position-id buffers.
+DROPS = {c: [r"(?:transformer\.)?logit_scale", r".*position_ids"] for c in ("clip_l", "clip_g")}
 
 # Block indices that count the other way in diffusers: the LDM decoder's `up.0` is its last (highest-resolution)
 # stage, diffusers' `up_blocks.0` its first. Rewritten to n - 1 - i (n counted from the names) before renaming.
@@ -157,6 +175,7 @@ class Target:
 class Plan:
     targets: dict[str, list[Target]] = field(default_factory=dict)  # original name -> targets
     unknown: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # known tensors with no parameter (DROPS)
 
     def names(self, component: str) -> set[str]:
         """The diffusers names the plan produces for one component (to compare with a model's parameters)."""
@@ -218,20 +237,32 @@ def _map_one(component, name, full_name, shapes):
     return None
 
 
-def to_diffusers(name_to_shape: dict[str, tuple[int, ...]]) -> Plan:
+def component_of(name: str) -> str | None:
+    """The component a combined file's prefix assigns `name` to, or None for a bare name."""
+    return _strip(name)[0]
+
+
+def to_diffusers(name_to_shape: dict[str, tuple[int, ...]], components=DEFAULT_COMPONENTS) -> Plan:
     """Plan the renaming of an original-named checkpoint; names nothing matches end up in `plan.unknown`.
 
-    Shapes are in torch order (GGUF readers must reverse ggml's). Prefixed names (PREFIXES) go to their component;
-    bare names are tried as transformer names, then as VAE names.
+    Shapes are in torch order (GGUF readers must reverse ggml's). Prefixed names (PREFIXES) go to their component if
+    it is one of `components`; bare names are tried as each of `components` in turn (transformer, then VAE).
     """
     shapes = {k: tuple(v) for k, v in name_to_shape.items()}
     stripped = {k: _strip(k) for k in shapes}
     renamed = {}  # component -> {original name: name to match}
-    for comp in RENAMES:
+    for comp in components:
         renamed[comp] = _reverse_indices(comp, {k: n for k, (c, n) in stripped.items() if c in (comp, None)})
     plan = Plan()
     for full_name, (component, _) in stripped.items():
-        for comp in [component] if component else list(RENAMES):
+        if component is not None and component not in components:
+            plan.unknown.append(full_name)
+            continue
+        tried = [component] if component else list(components)
+        if any(re.fullmatch(p, renamed[c][full_name]) for c in tried for p in DROPS.get(c, [])):
+            plan.dropped.append(full_name)
+            continue
+        for comp in tried:
             targets = _map_one(comp, renamed[comp][full_name], full_name, shapes)
             if targets:
                 plan.targets[full_name] = targets
