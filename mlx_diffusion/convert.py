@@ -97,11 +97,7 @@ def detect_family(source: Path, index: dict) -> tuple[str, str]:
     family = _PIPELINES.get(index.get("_class_name"))
     if family is None:
         raise WeightsError(f"{source}: unsupported pipeline {index.get('_class_name')!r} (expected FLUX or SD3)")
-    if family == "flux":
-        cfg = read_json(source / "transformer" / "config.json")
-        return family, "dev" if cfg.get("guidance_embeds") else "schnell"
-    cfg = read_json(source / "transformer" / "config.json")
-    return family, "3.5" if cfg.get("qk_norm") or cfg.get("dual_attention_layers") else "3"
+    return family, _variant(family, read_json(source / "transformer" / "config.json"))
 
 
 def _expected_parameters(kind: Kind, config: dict, where) -> dict:
