@@ -124,44 +124,10 @@ def convert_component(src: Path, dst: Path, *, bits, group_size, dtype, bar=None
     config = read_json(src / "config.json")
     kind = kind_of(config, str(src))
     ckpt = Checkpoint.from_folder(src)
-    names = kind.rename(list(ckpt.keys()))
-    expected = _expected_parameters(kind, config, src)
-    shapes = {new: tuple(to_mlx_layout(new, _Shape(ckpt.shape(old))).shape) for new, old in names.items()}
-    check_tensors(src, class_name(config), expected, shapes)
-
-    dst.mkdir(parents=True)
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    quantized = {}
-    writer = SafetensorsWriter(dst / WEIGHTS_FILE)
-    try:
-        for new, old in names.items():
-            a = to_mlx_layout(new, ckpt.get(old))
-            if bits and kind.quantizable and should_quantize(new, a.shape, kind.keep, group_size):
-                wq, scales, biases = quantize(a, bits, group_size)
-                layer = new[: -len(".weight")]
-                writer.add(new, wq)
-                writer.add(layer + ".scales", scales.astype(dtype))
-                writer.add(layer + ".biases", biases.astype(dtype))
-                quantized[layer] = [bits, group_size]
-            else:
-                writer.add(new, a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
-            if bar is not None:
-                bar.update(ckpt.file(old).nbytes(old))
-        writer.metadata[QUANT_KEY] = json.dumps(quantized)
-        writer.metadata["format"] = "mlx"
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    return {
-        "class": class_name(config),
-        "source_files": [str(f.path) for f in ckpt.files],
-        "tensors": len(names),
-        "quantized_layers": len(quantized),
-        "bits": bits if quantized else None,
-        "group_size": group_size if quantized else None,
-        "dtype": str(dtype).split(".")[-1],
-    }
+    plan = N.Plan({old: [N.Target(src.name, new)] for new, old in kind.rename(list(ckpt.keys())).items()})
+    entry = _write_component(ckpt, plan, config, kind, src, dst, bits=bits, group_size=group_size, dtype=dtype,
+                             bar=bar)
+    return {**entry, "source_files": [str(f.path) for f in ckpt.files]}
 
 
 class _Shape:
@@ -266,14 +232,27 @@ def convert_file(path, src: Path, dst: Path, family: str, component: str = "tran
     """Convert one component (a `names` component: transformer, vae, clip_l, clip_g, t5) of a single file
     (safetensors or GGUF) with the folder's `src` config; returns its entry for the info."""
     f = open_single_file(path)
-    is_gguf = isinstance(f, GGUFFile)
     config = read_json(src / "config.json")
     kind = kind_of(config, str(src))
     plan, config = _plan_file(f, component, family, kind, config)
-    expected = _expected_parameters(kind, config, path)
+    entry = _write_component(f, plan, config, kind, path, dst, bits=bits, group_size=group_size, dtype=dtype,
+                             bar=bar, log=log)
+    return {**entry, "source_files": [str(Path(path).resolve())]}
+
+
+def _write_component(f, plan, config: dict, kind: Kind, where, dst: Path, *, bits, group_size, dtype, bar=None,
+                     log=print) -> dict:
+    """Check a plan's tensors against the model built from `config`, then write them one at a time into `dst`.
+
+    `f` is a folder's Checkpoint, a single safetensors file or a GGUFFile. GGUF blocks with an exact MLX affine form
+    are repacked at their own bits; everything else is cast to `dtype` and, where the policy says so, quantized.
+    Returns the component's entry for mlx_diffusion.json (without its source files).
+    """
+    is_gguf = isinstance(f, GGUFFile)
+    expected = _expected_parameters(kind, config, where)
     shapes = {t.name: tuple(to_mlx_layout(t.name, _Shape(_target_shape(t, f.shape(old)))).shape)
               for old, ts in plan.targets.items() for t in ts}
-    check_tensors(path, class_name(config), expected, shapes)
+    check_tensors(where, class_name(config), expected, shapes)
 
     dst.mkdir(parents=True)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
@@ -332,7 +311,6 @@ def convert_file(path, src: Path, dst: Path, family: str, component: str = "tran
     used_groups = sorted({g for _, g in quantized.values()})
     return {
         "class": class_name(config),
-        "source_files": [str(Path(path).resolve())],
         "source_format": "gguf" if is_gguf else "safetensors",
         **({"gguf_types": types} if is_gguf else {}),
         "tensors": len(shapes),

@@ -8,7 +8,6 @@ the same initial latents the images agree to float32 rounding.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys

@@ -158,6 +158,9 @@ class Checkpoint:
     def file(self, name) -> SafetensorsFile:
         return self._where[name]
 
+    def nbytes(self, name) -> int:
+        return self._where[name].nbytes(name)
+
     def shape(self, name):
         return self._where[name].shape(name)
 
