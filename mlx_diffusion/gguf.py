@@ -1,4 +1,4 @@
-"""GGUF checkpoints (city96 / stable-diffusion.cpp layout): memory-mapped reading, numpy decoders, MLX repacking.
+"""GGUF checkpoints (city96 / stable-diffusion.cpp layout): header parsing, numpy decoders, MLX repacking.
 
 mlx's own GGUF loader decodes Q4_K wrongly and refuses Q5_K, so tensors are decoded here. Each ggml block type is
 split into unsigned integer codes plus per-group float32 scale and bias wherever the format is exactly affine on
@@ -12,6 +12,10 @@ code) is exact in float32, so `scale * q + bias` is bit-identical to gguf-py's r
 
 Block layouts follow ggml (ggml-common.h); dims in the file are in ggml order (fastest first), reported here in
 numpy order.
+
+gguf-py's reader memory-maps the whole file; it is used for the header only. Tensor data are read with positioned
+reads (as `weights.SafetensorsFile` does): every page touched through a map stays counted in the process's RSS until
+the map goes, so reading a 12 GB file through it would look like 12 GB of memory.
 """
 
 from __future__ import annotations
@@ -225,7 +229,7 @@ def repack(raw: np.ndarray, qtype: str):
 
 
 class GGUFFile:
-    """A memory-mapped .gguf: tensor names, numpy-order shapes and types, metadata; tensors decoded one at a time."""
+    """A .gguf file: tensor names, numpy-order shapes and types, metadata; tensors read and decoded one at a time."""
 
     def __init__(self, path):
         import gguf
@@ -271,8 +275,19 @@ class GGUFFile:
         return self._tensors[name].tensor_type.name
 
     def raw(self, name) -> np.ndarray:
-        """The stored data without copying: shaped (..., row_bytes) uint8 for block types, typed for F32/F16."""
-        return self._tensors[name].data
+        """The stored data read from disk: shaped (..., row_bytes) uint8 for block types, typed for F32/F16."""
+        t = self._tensors[name]
+        layout = t.data  # a view into the reader's map: its shape and dtype only, no page is read
+        buf = bytearray(int(t.n_bytes))
+        view, done = memoryview(buf), 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(int(t.data_offset))
+            while done < len(buf):  # one read may stop short (2 GiB at most on macOS)
+                n = f.readinto(view[done:])
+                if not n:
+                    raise WeightsError(f"{self.path}: file is truncated ({name} lies past its end)")
+                done += n
+        return np.frombuffer(buf, dtype=layout.dtype).reshape(layout.shape)
 
     def nbytes(self, name) -> int:
         return int(self._tensors[name].n_bytes)

@@ -166,3 +166,30 @@ def test_errors(tmp_path):
 
     write_gguf(tmp_path / "iq.gguf", {"w": (np.zeros((2, 18), np.uint8), "IQ4_NL")})
     one_line_error(tmp_path / "iq.gguf", "tensor w has unsupported GGUF type IQ4_NL")
+
+
+def _rss_file_mb() -> float | None:
+    """File-backed resident memory of this process (pages of mapped files), Linux only."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def test_reading_every_tensor_keeps_file_pages_out_of_rss(tmp_path):
+    """Tensor data are read with positioned reads, not through the reader's map, whose touched pages would stay
+    resident: reading all 64 MB here must not add 64 MB of the file to RSS."""
+    if _rss_file_mb() is None:
+        pytest.skip("needs /proc/self/status")
+    rows = np.random.default_rng(0).integers(0, 256, size=(256, 34 * 64), dtype=np.uint8)  # 256 x 2048 Q8_0, 557 KB
+    path = tmp_path / "big.gguf"
+    write_gguf(path, {f"w{i}": (rows, "Q8_0") for i in range(120)})  # 67 MB
+    f = GGUFFile(path)
+    before = _rss_file_mb()
+    for name in f.keys():
+        assert f.raw(name).shape == (256, 34 * 64)
+    grown = _rss_file_mb() - before
+    assert grown < 16, f"RssFile grew by {grown:.0f} MB while reading a {path.stat().st_size / 1e6:.0f} MB file"

@@ -3,7 +3,8 @@
 Each test builds a tiny diffusers transformer, writes its state_dict in the ORIGINAL (BFL / SAI) naming with this
 file's own inverse mapping, checks that diffusers' own converter reads that back to the model's state_dict (so the
 inverse is right), and then that our plan does the same: names, shapes and values, including the split fused q/k/v
-(and FLUX's q/k/v/mlp) and the swapped final-layer (shift, scale) halves.
+(and FLUX's q/k/v/mlp) and the swapped final-layer (shift, scale) halves. At the released sizes (meta tensors), the
+configs derived from shapes alone (transformers, VAE, CLIP-L/G, T5-XXL) equal the released ones.
 """
 
 from __future__ import annotations
@@ -327,3 +328,59 @@ def test_full_size_sd3_medium_header():
     assert (cfg["num_layers"], cfg["num_attention_heads"], cfg["pos_embed_max_size"], cfg["qk_norm"]) == \
         (24, 24, 192, None)
     assert names.detect(shapes) == ("sd3", "3")
+
+
+# The released components' configs (the FLUX.1 / SD3 diffusers repositories' config.json), as far as they matter.
+REAL_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   projection_dim=768, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+REAL_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   projection_dim=1280, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+REAL_T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu",
+                   dense_act_fn="gelu_new", is_gated_act=True, relative_attention_max_distance=128,
+                   relative_attention_num_buckets=32, layer_norm_epsilon=1e-6, vocab_size=32128)
+REAL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+@pytest.mark.parametrize("which,real,projection", [("clip_l", REAL_CLIP_L, False), ("clip_l", REAL_CLIP_L, True),
+                                                   ("clip_g", REAL_CLIP_G, True)])
+def test_full_size_clip_config(which, real, projection):
+    """CLIP-L (FLUX: no projection; SD3: with) and CLIP-G from their shapes: what our config class reads matches."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from mlx_diffusion.clip import CLIPTextConfig as Ours
+
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    cfg = CLIPTextConfig(**real)
+    with torch.device("meta"):
+        sd = cls(cfg).state_dict()
+    # transformers 5 saves a plain CLIPTextModel without `text_model.`; the model's sanitize puts it back
+    shapes = {("" if k.startswith(("text_model.", "text_projection")) else "text_model.") + k: tuple(v.shape)
+              for k, v in sd.items()}
+    derived = names.clip_config(shapes, which)
+    assert derived["architectures"] == [cls.__name__]
+    assert Ours.from_dict(derived) == Ours.from_dict({**cfg.to_dict(), "architectures": [cls.__name__]})
+    assert {k: derived[k] for k in real} == real
+
+
+def test_full_size_t5_and_vae_configs():
+    from diffusers import AutoencoderKL
+    from transformers import T5Config, T5EncoderModel
+    from mlx_diffusion.t5 import T5Config as OursT5
+    from mlx_diffusion.vae import VAEConfig
+
+    cfg = T5Config(**REAL_T5_XXL)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in T5EncoderModel(cfg).state_dict().items()}
+    derived = names.t5_config(shapes)
+    assert OursT5.from_dict(derived) == OursT5.from_dict(cfg.to_dict())
+    assert {k: derived[k] for k in REAL_T5_XXL} == REAL_T5_XXL
+
+    for family, (scaling, shift) in (("flux", (0.3611, 0.1159)), ("sd3", (1.5305, 0.0609))):
+        real = dict(REAL_VAE, scaling_factor=scaling, shift_factor=shift)
+        original = {k: tuple(v.shape) for k, v in vae_to_original(_meta_state_dict(AutoencoderKL, **real)).items()}
+        plan = names.to_diffusers(original, components=("vae",))  # from BFL's / SAI's LDM names, as the converter
+        shapes = {t.name: t.shape or original[k] for k, ts in plan.targets.items() for t in ts}
+        derived = names.vae_config(shapes, family)
+        assert VAEConfig.from_dict(derived) == VAEConfig.from_dict(real)
+        assert {k: tuple(v) if isinstance(v, list) else v for k, v in derived.items() if k in real} == real

@@ -5,11 +5,19 @@
                             [--clip-g FILE] [--t5 FILE] [-q {2,3,4,5,6,8,none}]
                             [--group-size {32,64,128}] [--dtype {float32,float16,bfloat16}] [--force]
 
-SOURCE is a diffusers folder (FLUX.1 or SD3). `--transformer FILE` takes the transformer from a single file instead:
-an original BFL / SAI safetensors file (or one in diffusers naming), or a GGUF file, whose quantized tensors are
-repacked losslessly where MLX has the same format (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K; others are requantized at -q).
-`--vae`, `--clip-l`, `--clip-g` (SD3) and `--t5` take those components from single files (BFL ae.safetensors,
-ComfyUI's clip_l / clip_g / t5xxl files, SAI's combined file; the folder still gives their configs).
+SOURCE is a diffusers folder (FLUX.1 or SD3), or a single checkpoint file. `--transformer FILE` takes the
+transformer from a single file instead: an original BFL / SAI safetensors file (or one in diffusers naming), or a
+GGUF file, whose quantized tensors are repacked losslessly where MLX has the same format
+(Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K; others are requantized at -q). `--vae`, `--clip-l`, `--clip-g` (SD3) and `--t5`
+take those components from single files (BFL ae.safetensors, ComfyUI's clip_l / clip_g / t5xxl files, SAI's combined
+file). With a folder, the folder gives the configs, tokenizers and scheduler; with single files only (SOURCE a file,
+or no SOURCE and `--transformer FILE`), the family comes from the transformer's tensor names, the configs from the
+tensor shapes, and the tokenizers and scheduler are the released models', shipped with mlx_diffusion:
+
+    python tools/convert.py flux1-schnell.safetensors --vae ae.safetensors --clip-l clip_l.safetensors \
+                            --t5 t5xxl_fp16.safetensors -o weights/flux-schnell
+    python tools/convert.py sd3_medium_incl_clips_t5xxlfp16.safetensors -o weights/sd3-medium
+
 `-q none --dtype float32` gives an exact float32 model (the parity path); the default is 4-bit weights with
 bfloat16 for what stays unquantized. The logic is `mlx_diffusion.convert`.
 """
@@ -34,7 +42,7 @@ from mlx_diffusion.weights import WeightsError  # noqa: E402
                    "cache only).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output MLX model folder.")
 @click.option("--transformer", type=click.Path(path_type=Path),
-              help="Single-file transformer (safetensors or GGUF) to use instead of the folder's.")
+              help="Single-file transformer (safetensors or GGUF): instead of the folder's, or with no SOURCE.")
 @click.option("--vae", type=click.Path(path_type=Path), help="Single-file VAE (BFL ae.safetensors, SAI, diffusers).")
 @click.option("--clip-l", type=click.Path(path_type=Path), help="Single-file CLIP-L text encoder.")
 @click.option("--clip-g", type=click.Path(path_type=Path), help="Single-file CLIP-G text encoder (SD3).")
@@ -47,14 +55,17 @@ from mlx_diffusion.weights import WeightsError  # noqa: E402
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(source, model_name, out, transformer, vae, clip_l, clip_g, t5, bits, group_size, dtype, force, quiet):
-    """Convert SOURCE (a diffusers FLUX.1 or SD3 folder) into an MLX model folder."""
-    if (source is None) == (model_name is None):
+    """Convert SOURCE (a diffusers FLUX.1 or SD3 folder, or a single checkpoint file) into an MLX model folder."""
+    if source is not None and model_name is not None:
         raise click.UsageError("give either SOURCE or --model NAME")
+    if source is None and model_name is None and transformer is None:
+        raise click.UsageError("give SOURCE, --model NAME or --transformer FILE")
     try:
         if model_name:
             source = resolve_model(model_name)
-        convert(source, out, transformer=transformer, vae=vae, clip_l=clip_l, clip_g=clip_g, t5=t5, bits=None if bits == "none" else int(bits),
-                group_size=int(group_size), dtype=dtype, force=force, progress=not quiet)
+        convert(source, out, transformer=transformer, vae=vae, clip_l=clip_l, clip_g=clip_g, t5=t5,
+                bits=None if bits == "none" else int(bits), group_size=int(group_size), dtype=dtype, force=force,
+                progress=not quiet)
     except WeightsError as e:
         raise click.ClickException(str(e)) from None
 
