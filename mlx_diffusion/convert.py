@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import sys
@@ -55,6 +54,7 @@ from .weights import (
     SafetensorsFile,
     SafetensorsWriter,
     WeightsError,
+    atomic_folder,
     build_model,
     quantize,
     read_json,
@@ -445,13 +445,8 @@ def convert(source, out, *, transformer=None, vae=None, clip_l=None, clip_g=None
     _check_fit(family, jobs)
 
     origin = source or given["transformer"]
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    try:
-        tmp.mkdir()
+    with atomic_folder(out) as tmp:
         info = {
             "format_version": FORMAT_VERSION,
             "converter_version": __version__,
@@ -471,16 +466,6 @@ def convert(source, out, *, transformer=None, vae=None, clip_l=None, clip_g=None
         for dst, src in copies.items():
             _copy(src, tmp / dst)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log(f"wrote {out} ({family} {variant}, {'%d-bit' % bits if bits else dtype}, {size / 1e6:.1f} MB) "
         f"in {time.time() - started:.1f} s")

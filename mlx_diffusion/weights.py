@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -357,3 +359,46 @@ def load_component(folder, model_cls, config_cls, dtype=None):
         raise WeightsError(f"{folder}: weights do not fit the model built from its config.json ({e})") from None
     mx.eval(model.parameters())
     return model
+
+
+def reference_arrays(folder) -> dict[str, np.ndarray]:
+    """A converted component folder's weights back in the reference layout, as float32 numpy arrays: quantized layers
+    dequantized, conv kernels OIHW. With the folder's config.json this is what diffusers / transformers load
+    (`model.load_state_dict({k: torch.from_numpy(v) ...})`); tests and benchmarks run the reference on our weights."""
+    f = SafetensorsFile(Path(folder) / WEIGHTS_FILE)
+    layers = json.loads(f.metadata.get(QUANT_KEY, "{}"))
+    out = {}
+    for name in f.keys():
+        layer, leaf = name.rsplit(".", 1)
+        if layer in layers and leaf in ("scales", "biases"):
+            continue
+        a = f.get(name)
+        if layer in layers:
+            bits, group_size = layers[layer]
+            a = mx.dequantize(a, f.get(layer + ".scales"), f.get(layer + ".biases"), group_size=group_size, bits=bits)
+        a = np.array(a.astype(mx.float32))
+        out[name] = a.transpose(0, 3, 1, 2) if a.ndim == 4 and leaf == "weight" else a
+    return out
+
+
+@contextmanager
+def atomic_folder(out):
+    """Yield a temporary sibling of `out` to write a folder into, then swap it in for `out` (replacing what was
+    there); an error or Ctrl-C on the way removes it and leaves `out` as it was."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
