@@ -12,8 +12,9 @@ _blas.tune_allocator()
 __version__ = "0.1.0"
 
 
-def load_pipeline(path, **kwargs):
-    """Load a converted MLX model folder (see `tools/convert.py`) and return a pipeline with `.generate(...)`."""
+def load_pipeline(path=None, **kwargs):
+    """Load a converted MLX model folder (see `tools/convert.py`), or without a path the built-in tiny model, and
+    return a pipeline with `.generate(...)`."""
     from .pipeline import load_pipeline as _load
 
     return _load(path, **kwargs)

@@ -54,16 +54,16 @@ def save_png(image, path: Path, settings: dict):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
-              help="A converted MLX model folder (tools/convert.py).")
+@click.option("--model", "model_path", default=None, type=click.Path(path_type=Path),
+              help="A converted MLX model folder (tools/convert.py) [the built-in tiny model: 64x64 shapes].")
 @click.option("--prompt", required=True, help="What to draw.")
 @click.option("--negative-prompt", default=None, help="What to avoid (SD3; FLUX only with --true-cfg > 1).")
-@click.option("--steps", type=int, default=None, help="Denoising steps [schnell 4, dev 28, SD3 28].")
-@click.option("--guidance", type=float, default=None, help="Guidance scale [dev 3.5, SD3 7.0; unused by schnell].")
+@click.option("--steps", type=int, default=None, help="Denoising steps [schnell 4, dev 28, SD3 28, built-in 20].")
+@click.option("--guidance", type=float, default=None, help="Guidance scale [dev 3.5, SD3 and built-in 7.0; unused by schnell].")
 @click.option("--true-cfg", "true_cfg_scale", type=float, default=None,
               help="FLUX only: true classifier-free guidance scale with --negative-prompt (as diffusers' true_cfg_scale).")
-@click.option("--width", type=int, default=None, help="Image width in pixels [1024].")
-@click.option("--height", type=int, default=None, help="Image height in pixels [1024].")
+@click.option("--width", type=int, default=None, help="Image width in pixels [1024; built-in 64].")
+@click.option("--height", type=int, default=None, help="Image height in pixels [1024; built-in 64].")
 @click.option("--seed", type=int, default=None, help="Random seed [random]; the same seed gives the same image.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="PNG file to write [image-SEED.png].")

@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 import mlx.core as mx
 
 from .components import kind_of
+from .layers import _CAN_FUSE
 from .convert import INFO_FILE
 from .sampler import FlowMatchEulerScheduler, SchedulerConfig, calculate_shift
 from .weights import WEIGHTS_FILE, SafetensorsFile, WeightsError, load_component, read_json
@@ -87,7 +89,12 @@ class Pipeline:
         self.vae_config = read_json(path / "vae" / "config.json")
         self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
         self._models = {}
+        self._forwards = {}
         self.last_stats = Stats()
+        # a model folder may carry its own defaults (the built-in model does: steps, guidance, T5 length)
+        self.defaults = dict(info.get("defaults") or {})
+        self.default_steps = int(self.defaults.get("steps", self.default_steps))
+        self.default_guidance = self.defaults.get("guidance", self.default_guidance)
 
     # -- loading ------------------------------------------------------------------------------------------------
     def model(self, component: str):
@@ -102,7 +109,20 @@ class Pipeline:
     def release(self, *components):
         for c in components:
             self._models.pop(c, None)
+            self._forwards.pop(c, None)
         _free()
+
+    def forward(self, component: str, key=(), bind: dict | None = None):
+        """The component's call, traced once per input shape by `mx.compile`: the same numbers (checked bit for bit)
+        with fewer, fused operations; ~3x faster per step for the built-in model on a CPU, where per-op overhead
+        dominates. `bind`: keyword arguments fixed at trace time (FLUX's position ids, read on the host), `key` names
+        them. Without a compiler (no g++ on Linux, MLX_DISABLE_COMPILE=1) it is the plain call."""
+        cache = self._forwards.setdefault(component, {})
+        if key not in cache:
+            model = self.model(component)
+            fn = partial(model.__call__, **bind) if bind else model.__call__
+            cache[key] = mx.compile(fn) if _CAN_FUSE else fn
+        return cache[key]
 
     def has(self, component: str) -> bool:
         return (self.path / component / "config.json").is_file()
@@ -235,9 +255,10 @@ class FluxPipeline(Pipeline):
         if not use_t5:
             raise InputError("FLUX cannot run without T5 (use_t5=False / --no-t5 is for SD3)")
         self.is_dev = bool(self.transformer_config.get("guidance_embeds"))
-        self.default_steps = 28 if self.is_dev else 4
-        self.default_guidance = 3.5 if self.is_dev else None
-        self.max_sequence_length = max_sequence_length or (512 if self.is_dev else 256)
+        self.default_steps = int(self.defaults.get("steps", 28 if self.is_dev else 4))
+        self.default_guidance = self.defaults.get("guidance", 3.5 if self.is_dev else None)
+        self.max_sequence_length = max_sequence_length or int(
+            self.defaults.get("max_sequence_length", 512 if self.is_dev else 256))
         from .tokenizers import CLIPTokenizer, T5Tokenizer
 
         self.clip_tokenizer = CLIPTokenizer.from_folder(self.path / "tokenizer")
@@ -277,13 +298,15 @@ class FluxPipeline(Pipeline):
         return x, scheduler
 
     def predict(self, x, t, cond, guidance):
-        transformer = self.model("transformer")
         dt = self.compute_dtype
         timestep = mx.array([t], dtype=dt) / 1000
         g = mx.array([guidance], dtype=mx.float32) if self.is_dev else None
 
+        ids = dict(img_ids=self._img_ids, txt_ids=self._txt_ids)
+        forward = self.forward("transformer", key=(self._img_ids.shape, self._txt_ids.shape), bind=ids)
+
         def run(seq, pooled):
-            return transformer(x, seq, pooled, timestep, self._img_ids, self._txt_ids, g)
+            return forward(x, seq, pooled, timestep, guidance=g)
 
         v = run(*cond["pos"])
         if "neg" in cond:
@@ -308,11 +331,13 @@ class SD3Pipeline(Pipeline):
     default_steps = 28
     default_guidance = 7.0
 
-    def __init__(self, *args, use_t5=True, max_sequence_length=256, **kwargs):
+    def __init__(self, *args, use_t5=True, max_sequence_length=None, **kwargs):
         super().__init__(*args, **kwargs)
         from .tokenizers import CLIPTokenizer, T5Tokenizer
 
         self.use_t5 = bool(use_t5) and self.has("text_encoder_3")
+        if max_sequence_length is None:
+            max_sequence_length = int(self.defaults.get("max_sequence_length", 256))
         self.max_sequence_length = max_sequence_length
         self.tokenizers = [CLIPTokenizer.from_folder(self.path / "tokenizer"),
                            CLIPTokenizer.from_folder(self.path / "tokenizer_2")]
@@ -375,7 +400,7 @@ class SD3Pipeline(Pipeline):
         cfg = seq.shape[0] == 2
         xin = mx.concatenate([x, x]) if cfg else x
         timestep = mx.full((xin.shape[0],), t, dtype=self.compute_dtype)
-        v = self.model("transformer")(xin, seq, pooled, timestep)
+        v = self.forward("transformer")(xin, seq, pooled, timestep)
         if cfg:
             uncond, text = v[0:1], v[1:2]
             v = uncond + guidance * (text - uncond)
@@ -388,9 +413,13 @@ class SD3Pipeline(Pipeline):
 _FAMILIES = {"flux": FluxPipeline, "sd3": SD3Pipeline}
 
 
-def load_pipeline(path, *, dtype=None, progress=True, **kwargs) -> Pipeline:
-    """Open a converted MLX model folder (see tools/convert.py)."""
-    path = Path(path)
+BUILTIN_MODEL = Path(__file__).parent / "assets" / "models" / "tiny"
+
+
+def load_pipeline(path=None, *, dtype=None, progress=True, **kwargs) -> Pipeline:
+    """Open a converted MLX model folder (see tools/convert.py); without a path, the built-in tiny model (trained
+    on synthetic shapes by `python -m mlx_diffusion.train`; it works offline, with nothing to download)."""
+    path = BUILTIN_MODEL if path is None else Path(path)
     if not path.is_dir():
         raise WeightsError(f"model folder {path} " + ("is a file, not a folder" if path.exists() else "does not exist"))
     info_file = path / INFO_FILE

@@ -29,6 +29,9 @@ from .layers import fuse, on_cpu
 # Scratch memory budget, in elements, of one band of a large conv or GroupNorm+SiLU: large maps are processed in bands
 # of rows, each evaluated into its slice of a preallocated output. Bounds e.g. a 1024^2 decode's peak memory.
 BAND_ELEMENTS = 1 << 26
+# Winograd 3x3 convs on the CPU (inference). Training turns them off: backpropagating through the transforms is ~3x
+# slower than through `mx.conv_general` at the built-in model's small channel counts (mlx_diffusion.train).
+CPU_WINOGRAD = True
 
 
 @dataclass
@@ -277,7 +280,7 @@ class Conv2d(nn.Module):
 
     def __call__(self, x, upsample: bool = False):
         w = self.weight
-        if w.shape[1:3] == (3, 3) and self.stride == 1 and self.padding == 1 and on_cpu():
+        if w.shape[1:3] == (3, 3) and self.stride == 1 and self.padding == 1 and CPU_WINOGRAD and on_cpu():
             return conv3x3(x, w, self.bias, upsample)
         if upsample:  # nearest x2
             B, H, W, C = x.shape

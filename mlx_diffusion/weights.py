@@ -373,9 +373,10 @@ def reference_arrays(folder) -> dict[str, np.ndarray]:
         if layer in layers and leaf in ("scales", "biases"):
             continue
         a = f.get(name)
-        if layer in layers:
+        if layer in layers and leaf == "weight":
             bits, group_size = layers[layer]
-            a = mx.dequantize(a, f.get(layer + ".scales"), f.get(layer + ".biases"), group_size=group_size, bits=bits)
+            scales, biases = (f.get(f"{layer}.{k}").astype(mx.float32) for k in ("scales", "biases"))
+            a = mx.dequantize(a, scales, biases, group_size=group_size, bits=bits)  # in float32, as QuantizedLinear
         a = np.array(a.astype(mx.float32))
         out[name] = a.transpose(0, 3, 1, 2) if a.ndim == 4 and leaf == "weight" else a
     return out

@@ -18,6 +18,11 @@ def generate(*args, cwd=None):
                           text=True, cwd=cwd or ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def evaluate_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mlx_diffusion.evaluate", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def convert(*args):
     return subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), *map(str, args)], capture_output=True,
                           text=True, timeout=300)
