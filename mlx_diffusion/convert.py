@@ -48,17 +48,13 @@ from . import names as N
 from .components import KINDS, Kind, class_name, kind_of
 from .gguf import GGUFFile
 from .weights import (
-    QUANT_KEY,
-    WEIGHTS_FILE,
     Checkpoint,
+    ComponentWriter,
     SafetensorsFile,
-    SafetensorsWriter,
     WeightsError,
     atomic_folder,
     build_model,
-    quantize,
     read_json,
-    should_quantize,
     to_mlx_layout,
 )
 
@@ -331,25 +327,12 @@ def _write_component(job: _Job, dst: Path, *, bits, group_size, dtype, bar=None,
     """
     f, plan, config, kind = job.f, job.plan, job.config, job.kind
     is_gguf = isinstance(f, GGUFFile)
-    dst.mkdir(parents=True)
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    quantized, requantized, types = {}, [], {}
-    writer = SafetensorsWriter(dst / WEIGHTS_FILE)
+    requantized, types = [], {}
+    out = ComponentWriter(dst, config, dtype)
 
     def add_float(name, a, may_quantize):
-        if may_quantize and bits and kind.quantizable and should_quantize(name, a.shape, kind.keep, group_size):
-            wq, scales, biases = quantize(a, bits, group_size)
-            add_quantized(name, wq, scales.astype(dtype), biases.astype(dtype), bits, group_size)
-            return True
-        writer.add(name, a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
-        return False
-
-    def add_quantized(name, wq, scales, biases, b, gs):
-        layer = name[: -len(".weight")]
-        writer.add(name, wq)
-        writer.add(layer + ".scales", scales)
-        writer.add(layer + ".biases", biases)
-        quantized[layer] = [b, gs]
+        q = bits if may_quantize and kind.quantizable else None
+        return out.add(name, a, q, group_size, kind.keep)
 
     try:
         for old, targets in plan.targets.items():
@@ -365,7 +348,7 @@ def _write_component(job: _Job, dst: Path, *, bits, group_size, dtype, bar=None,
                 wq, scales, biases, b, gs = packed
                 arrays = [mx.array(wq), mx.array(scales), mx.array(biases)]
                 for t in targets:
-                    add_quantized(t.name, *(_cut(t, x) for x in arrays), b, gs)
+                    out.add_quantized(t.name, *(_cut(t, x) for x in arrays), b, gs)
             else:
                 a = mx.array(f.get(old)) if is_gguf else f.get(old)
                 for t in targets:
@@ -377,12 +360,11 @@ def _write_component(job: _Job, dst: Path, *, bits, group_size, dtype, bar=None,
                 bar.update(f.nbytes(old))
         for name, a in job.extra.items():
             add_float(name, to_mlx_layout(name, a), may_quantize=True)
-        writer.metadata[QUANT_KEY] = json.dumps(quantized)
-        writer.metadata["format"] = "mlx"
-        writer.close()
+        out.close()
     except BaseException:
-        writer.abort()
+        out.abort()
         raise
+    quantized = out.quantized
     if requantized:
         log(f"requantized {len(requantized)} GGUF tensors at {bits} bits (no lossless MLX form): "
             f"{', '.join(requantized[:5])}{', ...' if len(requantized) > 5 else ''}")

@@ -47,7 +47,7 @@ from .sd3 import SD3Config, SD3Transformer2DModel
 from .tokenizers import CLIPTokenizer
 from . import vae as vae_module
 from .vae import AutoencoderKL, VAEConfig
-from .weights import QUANT_KEY, WEIGHTS_FILE, SafetensorsWriter, atomic_folder, quantize, should_quantize
+from .weights import ComponentWriter, atomic_folder
 
 ASSETS = Path(__file__).parent / "assets"
 FULL_CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
@@ -192,25 +192,16 @@ def cosine_lr(peak: float, steps: int, warmup: int):
 
 
 def write_component(model: nn.Module, config: dict, dst: Path, bits=None, group_size=64, keep=(), dtype=mx.float32):
-    """One component folder in the converter's format: config.json + model.safetensors (MLX layout, our names),
-    floats in `dtype`, and with `bits` the 2-D weights the converter's policy allows quantized as `-q` does."""
-    dst.mkdir(parents=True)
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    writer = SafetensorsWriter(dst / WEIGHTS_FILE)
-    quantized = {}
-    for name, a in tree_flatten(model.parameters()):
-        if bits and should_quantize(name, a.shape, keep, group_size):
-            wq, scales, biases = quantize(a, bits, group_size)
-            layer = name[: -len(".weight")]
-            writer.add(name, wq)
-            writer.add(layer + ".scales", scales.astype(dtype))
-            writer.add(layer + ".biases", biases.astype(dtype))
-            quantized[layer] = [bits, group_size]
-        else:
-            writer.add(name, a.astype(dtype))
-    writer.metadata[QUANT_KEY] = json.dumps(quantized)
-    writer.metadata["format"] = "mlx"
-    writer.close()
+    """One component folder in the converter's format, floats in `dtype`, and with `bits` the 2-D weights the
+    converter's policy allows quantized as `-q` does."""
+    out = ComponentWriter(dst, config, dtype)
+    try:
+        for name, a in tree_flatten(model.parameters()):
+            out.add(name, a, bits, group_size, keep)
+        out.close()
+    except BaseException:
+        out.abort()
+        raise
 
 
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}

@@ -249,6 +249,44 @@ def quantize(w: mx.array, bits: int, group_size: int):
     return mx.quantize(w.astype(mx.float32), group_size=group_size, bits=bits)
 
 
+class ComponentWriter:
+    """One component folder in MLX layout: config.json and model.safetensors, with the quantized layers listed in the
+    file's metadata (`QUANT_KEY`: layer -> [bits, group size]), which `load_component` reads back. The converter and
+    the trainer both write through it."""
+
+    def __init__(self, dst, config: dict, dtype):
+        dst = Path(dst)
+        dst.mkdir(parents=True)
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+        self.writer = SafetensorsWriter(dst / WEIGHTS_FILE)
+        self.dtype = dtype
+        self.quantized = {}
+
+    def add(self, name: str, a: mx.array, bits=None, group_size: int = 64, keep=()) -> bool:
+        """Cast to the dtype, or quantize at `bits` where `should_quantize` allows; returns whether it quantized."""
+        if bits and should_quantize(name, a.shape, keep, group_size):
+            wq, scales, biases = quantize(a, bits, group_size)
+            self.add_quantized(name, wq, scales.astype(self.dtype), biases.astype(self.dtype), bits, group_size)
+            return True
+        self.writer.add(name, a.astype(self.dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+        return False
+
+    def add_quantized(self, name: str, wq, scales, biases, bits: int, group_size: int):
+        layer = name[: -len(".weight")]
+        self.writer.add(name, wq)
+        self.writer.add(layer + ".scales", scales)
+        self.writer.add(layer + ".biases", biases)
+        self.quantized[layer] = [bits, group_size]
+
+    def close(self):
+        self.writer.metadata[QUANT_KEY] = json.dumps(self.quantized)
+        self.writer.metadata["format"] = "mlx"
+        self.writer.close()
+
+    def abort(self):
+        self.writer.abort()
+
+
 class QuantizedLinear(nn.Module):
     """A Linear layer stored in MLX affine-quantized form.
 
