@@ -54,8 +54,8 @@ _NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}  # what parse accep
 _PHRASE = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
            "centre": "in the centre"}  # corners: "in the top left"
 # Every word is a single CLIP BPE token except "triangles" (tri + angles: no single-token plural exists).
-VOCABULARY = sorted({"a", "an", "two", "three", "on", "the", "at", "in", "background", "top", "bottom", "left",
-                     "right", "centre", *COLOURS, *SHAPES, *(s + "s" for s in SHAPES)})
+VOCABULARY = sorted({"a", "an", "one", "two", "three", "on", "the", "at", "in", "background", "top", "bottom",
+                     "left", "right", "centre", "center", "middle", *COLOURS, *SHAPES, *(s + "s" for s in SHAPES)})
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,18 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """The scene in the caption grammar; with `rng`, a fifth of the time a synonym that `parse` also reads ("one"
+    for "a", "center" or "middle" for "centre"), so that a model trained on these captions knows those words."""
     number = _article(scene.colour) if scene.count == 1 else _NUMBER[scene.count]
+    if rng is not None and scene.count == 1 and rng.random() < 0.2:
+        number = "one"
     words = [number, scene.colour, scene.shape + ("s" if scene.count > 1 else "")]
     if scene.position is not None:
-        words.append(_PHRASE.get(scene.position, "in the " + scene.position))
+        phrase = _PHRASE.get(scene.position, "in the " + scene.position)
+        if rng is not None and scene.position == "centre" and rng.random() < 0.4:
+            phrase = "in the " + ("center", "middle")[int(rng.integers(2))]
+        words.append(phrase)
     if scene.say_background:
         words.append(f"on {_article(scene.background)} {scene.background} background")
     return " ".join(words)
@@ -151,9 +158,9 @@ def draw_scenes(rng: np.random.Generator, n: int, split: str = "train") -> list[
 
 
 def sample(rng: np.random.Generator, n: int, size: int = 64, split: str = "train"):
-    """n random scenes: (images uint8 (n, size, size, 3), captions, scenes)."""
+    """n random scenes: (images uint8 (n, size, size, 3), captions (with synonyms at times), scenes)."""
     scenes = draw_scenes(rng, n, split)
-    return render_many(scenes, rng, size), [caption(s) for s in scenes], scenes
+    return render_many(scenes, rng, size), [caption(s, rng) for s in scenes], scenes
 
 
 def eval_scenes(n: int = 60, seed: int = 0) -> list[Scene]:

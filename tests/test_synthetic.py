@@ -74,6 +74,21 @@ def test_captions_and_parse():
     assert S.parse("a square in the middle on a white background") == S.Spec(None, "square", 1, "centre", "white")
 
 
+def test_training_captions_use_synonyms():
+    """With an rng (as `sample` draws training captions) "one", "center" and "middle" appear at times, and every
+    caption still parses back to its scene; without one the caption is the canonical one."""
+    rng = np.random.default_rng(0)
+    centre = S.Scene("blue", "circle", 1, "centre", "red", False)
+    texts = {S.caption(centre, rng) for _ in range(200)}
+    assert texts == {f"{n} blue circle in the {w}" for n in ("a", "one") for w in ("centre", "center", "middle")}
+    assert all(S.parse(t) == centre.spec() for t in texts)
+    two = S.Scene("red", "square", 2, "top", "blue", True)
+    assert {S.caption(two, rng) for _ in range(50)} == {S.caption(two)}
+    _, captions, scenes = S.sample(np.random.default_rng(1), 400)
+    assert all(S.parse(c) == s.spec() for c, s in zip(captions, scenes))
+    assert 0.1 < np.mean([c.startswith("one ") for c, s in zip(captions, scenes) if s.count == 1]) < 0.3
+
+
 def test_held_out_split():
     formula = {(S.COLOURS[i], S.SHAPES[(2 * i + k) % 3], S.COLOURS[(i + 1 + 3 * k) % 8]) for i in range(8)
                for k in range(2)}
