@@ -6,8 +6,9 @@ Two fixed prompt sets: `heldout` (`synthetic.eval_scenes`: colour/shape/backgrou
 saw in training, every count and position: does it compose?) and `seen` (scenes drawn like the training data, with
 a fixed seed: does it draw what it was taught, on new noise?). One image per prompt with seeds seed, seed+1, ...;
 each image is read back with the rule-based `synthetic.classify`, and per attribute the prompt mentions, the fraction
-of images that match it is reported. The same classifier run on true renderings of the same scenes is printed
-alongside, as its own accuracy ceiling, and so is chance level.
+of images that match it is reported. Alongside: the same classifier on true renderings of the same scenes (its own
+accuracy), on those renderings passed through the model's VAE and back (the most the transformer could reach with
+this VAE), and chance level.
 """
 
 from __future__ import annotations
@@ -58,9 +59,21 @@ def prompt_scenes(split: str, n: int):
     raise ValueError(f"unknown prompt set {split!r} (heldout or seen)")
 
 
+def round_trip(pipe, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """uint8 images encoded by the pipeline's VAE (latent means) and decoded back, as uint8."""
+    import mlx.core as mx
+
+    vae, out = pipe.model("vae"), []
+    for i in range(0, len(images), batch):
+        x = mx.array(images[i : i + batch].astype(np.float32) / 127.5 - 1.0).astype(pipe.compute_dtype)
+        y = mx.clip(vae.decode(vae.encode(x)[0]).astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        out.append(np.array(mx.round(y * 255)).astype(np.uint8))
+    return np.concatenate(out)
+
+
 def evaluate(pipe, n: int = 96, seed: int = 0, steps=None, guidance=None, progress=True, split="heldout"):
     """Generate a prompt set; returns (prompts, images uint8, per-attribute (correct, asked), the classifier's own
-    accuracy on true renderings of the same scenes)."""
+    accuracy on true renderings of the same scenes, its accuracy on those passed through the VAE)."""
     from tqdm import tqdm
 
     scenes = prompt_scenes(split, n)
@@ -74,7 +87,8 @@ def evaluate(pipe, n: int = 96, seed: int = 0, steps=None, guidance=None, progre
     generated = accuracy(specs, [synthetic.classify(im) for im in images])
     truth = synthetic.render_many(scenes, np.random.default_rng(seed), images.shape[1])
     ceiling = accuracy(specs, [synthetic.classify(im) for im in truth])
-    return prompts, images, generated, ceiling
+    through_vae = accuracy(specs, [synthetic.classify(im) for im in round_trip(pipe, truth)])
+    return prompts, images, generated, ceiling, through_vae
 
 
 def grid(images: np.ndarray, columns: int = 12) -> np.ndarray:
@@ -87,12 +101,13 @@ def grid(images: np.ndarray, columns: int = 12) -> np.ndarray:
     return out
 
 
-def report(generated: dict, ceiling: dict, base: dict) -> str:
-    lines = [f"{'attribute':<11} {'model':>7} {'classifier on true images':>26} {'chance':>7}   prompts"]
+def report(generated: dict, ceiling: dict, through_vae: dict, base: dict) -> str:
+    lines = [f"{'attribute':<11} {'model':>7} {'true images':>12} {'VAE round trip':>15} {'chance':>7}   prompts"]
     for k in ATTRIBUTES:
         ok, asked = generated[k]
         if asked:
-            lines.append(f"{k:<11} {ok / asked:>7.2f} {ceiling[k][0] / asked:>26.2f} {base[k]:>7.2f}   {asked}")
+            lines.append(f"{k:<11} {ok / asked:>7.2f} {ceiling[k][0] / asked:>12.2f} "
+                         f"{through_vae[k][0] / asked:>15.2f} {base[k]:>7.2f}   {asked}")
     return "\n".join(lines)
 
 
@@ -123,17 +138,18 @@ def main(model_path, n, splits, seed, steps, guidance, grid_path, json_path, qui
     for split in splits:
         t0 = time.perf_counter()
         try:
-            prompts, images, generated, ceiling = evaluate(pipe, n, seed, steps, guidance, not quiet, split)
+            prompts, images, generated, ceiling, through_vae = evaluate(pipe, n, seed, steps, guidance, not quiet, split)
         except (InputError, WeightsError) as e:
             raise click.ClickException(str(e).splitlines()[0]) from None
         seconds = time.perf_counter() - t0
         base = chance([synthetic.parse(p) for p in prompts])
         click.echo(f"{split} prompts ({n}): {pipe.path}, steps {pipe.last_settings.steps}, guidance "
                    f"{pipe.last_settings.guidance}, seeds {seed}..{seed + n - 1} ({seconds / n:.2f} s per image)")
-        click.echo(report(generated, ceiling, base) + "\n")
+        click.echo(report(generated, ceiling, through_vae, base) + "\n")
         grids.append(grid(images))
         results[split] = {"accuracy": {k: v[0] / v[1] for k, v in generated.items() if v[1]},
                           "classifier_on_truth": {k: v[0] / v[1] for k, v in ceiling.items() if v[1]},
+                          "classifier_on_vae_round_trip": {k: v[0] / v[1] for k, v in through_vae.items() if v[1]},
                           "chance": base}
     if grid_path is not None:
         from PIL import Image
