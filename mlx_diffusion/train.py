@@ -51,7 +51,7 @@ from .sd3 import SD3Config, SD3Transformer2DModel
 from .tokenizers import CLIPTokenizer
 from . import vae as vae_module
 from .vae import AutoencoderKL, VAEConfig
-from .weights import ComponentWriter, atomic_folder
+from .weights import ComponentWriter, QuantizedLinear, atomic_folder
 
 ASSETS = Path(__file__).parent / "assets"
 FULL_CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
@@ -326,8 +326,8 @@ def _load_init(folder: Path, configs: dict, models: dict):
     from .weights import load_component, read_json
 
     info = read_json(folder / "mlx_diffusion.json")
-    if info.get("variant") != "tiny" or info.get("bits"):
-        raise click.ClickException(f"--init {folder}: not an unquantized model folder written by mlx_diffusion.train")
+    if info.get("variant") != "tiny" or info.get("source") != "mlx_diffusion.train":
+        raise click.ClickException(f"--init {folder}: not a model folder written by mlx_diffusion.train")
     for c, model in models.items():
         config = read_json(folder / c / "config.json")
         if {k: v for k, v in config.items() if k not in ("shift_factor", "scaling_factor")} != \
@@ -335,8 +335,20 @@ def _load_init(folder: Path, configs: dict, models: dict):
             raise click.ClickException(f"--init {folder}: {c} differs from the options' architecture")
         configs[c] = config
         loaded = load_component(folder / c, type(model), type(model.config), dtype=mx.float32)
-        model.update(loaded.parameters())
+        model.update(_float_parameters(loaded))
     return info["training"]
+
+
+def _float_parameters(model: nn.Module) -> dict:
+    """The parameters with quantized layers dequantized to float32 (a quantized folder continues as float)."""
+    params = dict(tree_flatten(model.parameters()))
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, QuantizedLinear)):
+            prefix = name + "." if name else ""
+            for k in ("scales", "biases"):
+                params.pop(prefix + k)
+            params[prefix + "weight"] = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(mx.float32)
+    return tree_unflatten(list(params.items()))
 
 
 def train(opts: dict, out: Path, command: str, progress=True, log=print):
@@ -400,11 +412,12 @@ def train(opts: dict, out: Path, command: str, progress=True, log=print):
             return ((m(xt, ids, t) - target) ** 2).mean()
 
         step_fn = nn.value_and_grad(model, loss_fn)
+        t_mean = opts.get("t_mean", 0.0)
         state = [model.state, opt.state, mx.random.state]
 
         @_compiled(state)
         def train_step(x0, ids):
-            t = mx.sigmoid(mx.random.normal((x0.shape[0],)))  # logit-normal(0, 1), as SD3
+            t = mx.sigmoid(t_mean + mx.random.normal((x0.shape[0],)))  # logit-normal(m, 1); SD3: m = 0
             noise = mx.random.normal(x0.shape)
             tt = t[:, None, None, None]
             loss, grads = step_fn(model, (1 - tt) * x0 + tt * noise, ids, t, noise - x0)
@@ -490,6 +503,8 @@ def _ints(ctx, param, value):
 @click.option("--pool", type=int, default=32768, show_default=True,
               help="Training scenes encoded once for the transformer stage (at most steps x batch).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--t-mean", type=float, default=0.0, show_default=True,
+              help="Location of the logit-normal noise levels (SD3: 0; > 0 trains high noise more).")
 @click.option("--warmup", type=int, default=100, show_default=True)
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)
 @click.option("--ema", type=float, default=0.998, show_default=True)
@@ -507,7 +522,7 @@ def _ints(ctx, param, value):
               help="How floating-point weights are stored (training is float32).")
 @click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue from a model folder this command wrote (same architecture options; --vae-steps 0 keeps "
-                   "its VAE); its training record is kept in the new one.")
+                   "its VAE; quantized weights continue dequantized); its training record is kept in the new one.")
 @click.option("--save-every", type=int, default=500, show_default=True)
 @click.option("--log-every", type=int, default=50, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
