@@ -448,10 +448,10 @@ def train(opts: dict, out: Path, command: str, progress=True, log=print):
             finally:
                 model.update(live)
 
-        if opts["save_every"]:
-            save(0)  # the trained VAE can be inspected while the transformer trains
         opts.setdefault("pool", 32768)
         opts["pool"] = max(1, min(opts["pool"], steps * batch))
+        if opts["save_every"]:
+            save(0)  # the trained VAE can be inspected while the transformer trains
         pool, pool_ids = encode_pool(vae, tokenizer, opts, rng, shift, std, progress) if steps else (None, None)
         with _bar(steps, "transformer", progress) as bar:
             for i in range(steps):
