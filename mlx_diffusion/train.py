@@ -51,10 +51,11 @@ from .sd3 import SD3Config, SD3Transformer2DModel
 from .tokenizers import CLIPTokenizer
 from . import vae as vae_module
 from .vae import AutoencoderKL, VAEConfig
-from .weights import ComponentWriter, QuantizedLinear, atomic_folder
+from .weights import ComponentWriter, atomic_folder
 
 ASSETS = Path(__file__).parent / "assets"
 FULL_CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
+POOL = 32768  # scenes encoded once for stage 2 (--pool)
 DEFAULTS = {"steps": 20, "max_sequence_length": 0}  # the pipeline defaults for this model (guidance: SD3 7.0)
 
 
@@ -323,7 +324,7 @@ def latent_statistics(vae, rng, n=512, size=64, batch=64):
 def _load_init(folder: Path, configs: dict, models: dict):
     """Continue from a model folder this command wrote: its configs (the VAE's measured shift and scale included)
     and float weights replace the fresh ones."""
-    from .weights import load_component, read_json
+    from .weights import float_parameters, load_component, read_json
 
     info = read_json(folder / "mlx_diffusion.json")
     if info.get("variant") != "tiny" or info.get("source") != "mlx_diffusion.train":
@@ -335,20 +336,8 @@ def _load_init(folder: Path, configs: dict, models: dict):
             raise click.ClickException(f"--init {folder}: {c} differs from the options' architecture")
         configs[c] = config
         loaded = load_component(folder / c, type(model), type(model.config), dtype=mx.float32)
-        model.update(_float_parameters(loaded))
+        model.update(float_parameters(loaded))
     return info["training"]
-
-
-def _float_parameters(model: nn.Module) -> dict:
-    """The parameters with quantized layers dequantized to float32 (a quantized folder continues as float)."""
-    params = dict(tree_flatten(model.parameters()))
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, QuantizedLinear)):
-            prefix = name + "." if name else ""
-            for k in ("scales", "biases"):
-                params.pop(prefix + k)
-            params[prefix + "weight"] = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(mx.float32)
-    return tree_unflatten(list(params.items()))
 
 
 def train(opts: dict, out: Path, command: str, progress=True, log=print):
@@ -448,7 +437,7 @@ def train(opts: dict, out: Path, command: str, progress=True, log=print):
             finally:
                 model.update(live)
 
-        opts.setdefault("pool", 32768)
+        opts.setdefault("pool", POOL)
         opts["pool"] = max(1, min(opts["pool"], steps * batch))
         if opts["save_every"]:
             save(0)  # the trained VAE can be inspected while the transformer trains
@@ -500,7 +489,7 @@ def _ints(ctx, param, value):
               help="Weight of the squared error of the reconstruction's pixel differences (edges).")
 @click.option("--steps", type=int, default=6000, show_default=True, help="Transformer training steps.")
 @click.option("--batch", type=int, default=64, show_default=True)
-@click.option("--pool", type=int, default=32768, show_default=True,
+@click.option("--pool", type=int, default=POOL, show_default=True,
               help="Training scenes encoded once for the transformer stage (at most steps x batch).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--t-mean", type=float, default=0.0, show_default=True,

@@ -23,6 +23,7 @@ import numpy as np
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 
 class WeightsError(ValueError):
@@ -317,6 +318,19 @@ class QuantizedLinear(nn.Module):
         return y
 
 
+def float_parameters(model: nn.Module) -> dict:
+    """The model's parameters with every QuantizedLinear dequantized to a float32 weight (what its call computes with
+    on a CPU): a quantized model's weights as the float model of the same config takes them."""
+    params = dict(tree_flatten(model.parameters()))
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            prefix = name + "." if name else ""
+            del params[prefix + "scales"], params[prefix + "biases"]
+            params[prefix + "weight"] = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size,
+                                                      bits=m.bits).astype(mx.float32)
+    return tree_unflatten(list(params.items()))
+
+
 def install_quantized_layers(model: nn.Module, layers: dict):
     """Replace the nn.Linear modules named in `layers` ({path: (bits, group_size)}) by QuantizedLinear.
 
@@ -341,7 +355,6 @@ def install_quantized_layers(model: nn.Module, layers: dict):
 
 def _nest(items):
     """[('a.b.0.c', v)] -> {'a': {'b': [{'c': v}]}} as `update_modules` wants (lists padded with {})."""
-    from mlx.utils import tree_unflatten
 
     return tree_unflatten(items)
 
