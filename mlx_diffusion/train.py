@@ -401,12 +401,14 @@ def train(opts: dict, out: Path, command: str, progress=True, log=print):
             return ((m(xt, ids, t) - target) ** 2).mean()
 
         step_fn = nn.value_and_grad(model, loss_fn)
-        t_mean = opts.get("t_mean", 0.0)
+        # a mixture of logit-normal(m, 1) over the --t-mean locations, each sample one of them; SD3: m = 0 alone
+        t_means = mx.array(np.atleast_1d(opts.get("t_mean", 0.0)).astype(np.float32))
         state = [model.state, opt.state, mx.random.state]
 
         @_compiled(state)
         def train_step(x0, ids):
-            t = mx.sigmoid(t_mean + mx.random.normal((x0.shape[0],)))  # logit-normal(m, 1); SD3: m = 0
+            m = t_means[mx.random.randint(0, t_means.size, (x0.shape[0],))]
+            t = mx.sigmoid(m + mx.random.normal((x0.shape[0],)))
             noise = mx.random.normal(x0.shape)
             tt = t[:, None, None, None]
             loss, grads = step_fn(model, (1 - tt) * x0 + tt * noise, ids, t, noise - x0)
@@ -475,6 +477,13 @@ def _ints(ctx, param, value):
         raise click.BadParameter("a comma-separated list of integers") from None
 
 
+def _floats(ctx, param, value):
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of numbers") from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Model folder to write.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -492,8 +501,9 @@ def _ints(ctx, param, value):
 @click.option("--pool", type=int, default=POOL, show_default=True,
               help="Training scenes encoded once for the transformer stage (at most steps x batch).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--t-mean", type=float, default=0.0, show_default=True,
-              help="Location of the logit-normal noise levels (SD3: 0; > 0 trains high noise more).")
+@click.option("--t-mean", default="0", callback=_floats, show_default=True,
+              help="Location of the logit-normal noise levels (SD3: 0; > 0 trains high noise more); several, "
+                   "comma-separated: an equal mixture.")
 @click.option("--warmup", type=int, default=100, show_default=True)
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)
 @click.option("--ema", type=float, default=0.998, show_default=True)

@@ -110,7 +110,7 @@ def test_small_tokenizer_tokenizes_caption_words_as_full_clip(tmp_path):
 SMOKE = dict(seed=3, vae_noise=0.0, vae_steps=2, vae_batch=2, vae_lr=1e-3, vae_kl=1e-4, vae_channels=(8, 16), vae_groups=4,
              steps=3, batch=4, lr=1e-3, warmup=1, weight_decay=0.0, ema=0.9, caption_dropout=0.5, width=64, depth=2,
              head_dim=32, text_width=32, text_layers=2, max_tokens=16, image_size=32, bits=None, dtype="float32",
-             save_every=0, log_every=1)
+             save_every=0, log_every=1, t_mean=(0.0, 1.5))
 
 
 def test_training_runs_and_is_reproducible(tmp_path):
@@ -146,7 +146,7 @@ def test_training_quantized_output_loads(tmp_path):
     assert np.isfinite(image).all()
     # a quantized folder continues from its dequantized weights (as the pipeline computes with them)
     pipe = load_pipeline(out, progress=False)
-    more = train.train({**SMOKE, "init": str(out), "vae_steps": 0, "steps": 0, "t_mean": 1.0}, tmp_path / "more", "more",
+    more = train.train({**SMOKE, "init": str(out), "vae_steps": 0, "steps": 0}, tmp_path / "more", "more",
                        progress=False, log=lambda m: None)
     again = load_pipeline(more, progress=False)
     x, t = mx.random.normal((1, 16, 8, 8), key=mx.random.key(0)), mx.array([500.0])
