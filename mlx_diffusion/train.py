@@ -321,22 +321,41 @@ def latent_statistics(vae, rng, n=512, size=64, batch=64):
     return float(z.mean()), float(z.std())
 
 
+def _grow_blocks(params: dict, fresh: dict, old: int, new: int) -> dict:
+    """A deeper transformer computing exactly what `params` (flat, `old` blocks) computes: blocks 0..old-2 keep
+    their places, the last (text stream ends after attention) moves to new-1, and the blocks in between stay as
+    `fresh` initialised them, adaLN-Zero with zero modulation, so the identity until training moves them."""
+    out = dict(fresh)
+    for name, v in params.items():
+        parts = name.split(".")
+        if parts[0] == "transformer_blocks" and int(parts[1]) == old - 1:
+            parts[1] = str(new - 1)
+        out[".".join(parts)] = v
+    return out
+
+
 def _load_init(folder: Path, configs: dict, models: dict):
     """Continue from a model folder this command wrote: its configs (the VAE's measured shift and scale included)
-    and float weights replace the fresh ones."""
+    and float weights replace the fresh ones. A transformer may be made deeper (`--depth` above the folder's)."""
     from .weights import float_parameters, load_component, read_json
 
     info = read_json(folder / "mlx_diffusion.json")
     if info.get("variant") != "tiny" or info.get("source") != "mlx_diffusion.train":
         raise click.ClickException(f"--init {folder}: not a model folder written by mlx_diffusion.train")
+    free = {"shift_factor", "scaling_factor"}
     for c, model in models.items():
         config = read_json(folder / c / "config.json")
-        if {k: v for k, v in config.items() if k not in ("shift_factor", "scaling_factor")} != \
-                {k: v for k, v in configs[c].items() if k not in ("shift_factor", "scaling_factor")}:
+        layers = config.get("num_layers", 0), configs[c].get("num_layers", 0)
+        if c == "transformer" and layers[0] < layers[1] and layers[0] >= 1 and not config.get("dual_attention_layers"):
+            free.add("num_layers")
+        if {k: v for k, v in config.items() if k not in free} != {k: v for k, v in configs[c].items() if k not in free}:
             raise click.ClickException(f"--init {folder}: {c} differs from the options' architecture")
-        configs[c] = config
-        loaded = load_component(folder / c, type(model), type(model.config), dtype=mx.float32)
-        model.update(float_parameters(loaded))
+        configs[c] = {**config, "num_layers": layers[1]} if "num_layers" in config else config
+        loaded = float_parameters(load_component(folder / c, type(model), type(model.config), dtype=mx.float32))
+        if layers[0] != layers[1]:
+            loaded = tree_unflatten(list(_grow_blocks(dict(tree_flatten(loaded)), dict(tree_flatten(model.parameters())),
+                                                      *layers).items()))
+        model.update(loaded)
     return info["training"]
 
 
@@ -520,8 +539,9 @@ def _floats(ctx, param, value):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="How floating-point weights are stored (training is float32).")
 @click.option("--init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Continue from a model folder this command wrote (same architecture options; --vae-steps 0 keeps "
-                   "its VAE; quantized weights continue dequantized); its training record is kept in the new one.")
+              help="Continue from a model folder this command wrote (same architecture options, except a larger "
+                   "--depth: new blocks start as identities before the last; --vae-steps 0 keeps its VAE; quantized "
+                   "weights continue dequantized); its training record is kept in the new one.")
 @click.option("--save-every", type=int, default=500, show_default=True)
 @click.option("--log-every", type=int, default=50, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")

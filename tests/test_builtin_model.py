@@ -4,6 +4,7 @@ training code runs and is reproducible from its seed."""
 
 import json
 
+import click
 import numpy as np
 import mlx.core as mx
 import pytest
@@ -153,6 +154,21 @@ def test_training_quantized_output_loads(tmp_path):
     ctx, pooled = mx.random.normal((1, 16, 64)), mx.random.normal((1, 64))
     a, b = (p.model("transformer")(x, ctx, pooled, t) for p in (pipe, again))
     assert mx.abs(a).max().item() > 1e-4 and mx.abs(a - b).max().item() < 1e-6
+
+
+def test_training_init_grows_a_deeper_transformer_computing_the_same(tmp_path):
+    out = train.train({**SMOKE, "steps": 2}, tmp_path / "a", "test", progress=False, log=lambda m: None)
+    deeper = train.train({**SMOKE, "init": str(out), "vae_steps": 0, "steps": 0, "depth": 4}, tmp_path / "b", "test",
+                         progress=False, log=lambda m: None)
+    a, b = (load_pipeline(f, progress=False).model("transformer") for f in (out, deeper))
+    assert (len(a.transformer_blocks), len(b.transformer_blocks)) == (2, 4)
+    x, t = mx.random.normal((1, 16, 8, 8), key=mx.random.key(0)), mx.array([500.0])
+    ctx, pooled = mx.random.normal((1, 16, 64), key=mx.random.key(1)), mx.random.normal((1, 64), key=mx.random.key(2))
+    ya, yb = a(x, ctx, pooled, t), b(x, ctx, pooled, t)
+    assert mx.abs(ya).max().item() > 1e-3 and mx.abs(ya - yb).max().item() < 1e-6
+    with pytest.raises(click.ClickException, match="differs"):  # shallower, or wider, is not a continuation
+        train.train({**SMOKE, "init": str(deeper), "vae_steps": 0, "steps": 0, "depth": 3}, tmp_path / "c", "test",
+                    progress=False, log=lambda m: None)
 
 
 def test_quickstart_notebook_runs_with_the_builtin_model(monkeypatch):
