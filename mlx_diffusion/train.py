@@ -342,17 +342,16 @@ def _load_init(folder: Path, configs: dict, models: dict):
     info = read_json(folder / "mlx_diffusion.json")
     if info.get("variant") != "tiny" or info.get("source") != "mlx_diffusion.train":
         raise click.ClickException(f"--init {folder}: not a model folder written by mlx_diffusion.train")
-    free = {"shift_factor", "scaling_factor"}
     for c, model in models.items():
         config = read_json(folder / c / "config.json")
         layers = config.get("num_layers", 0), configs[c].get("num_layers", 0)
-        if c == "transformer" and layers[0] < layers[1] and layers[0] >= 1 and not config.get("dual_attention_layers"):
-            free.add("num_layers")
+        grow = c == "transformer" and layers[0] < layers[1] and not config.get("dual_attention_layers")
+        free = {"shift_factor", "scaling_factor"} | ({"num_layers"} if grow else set())
         if {k: v for k, v in config.items() if k not in free} != {k: v for k, v in configs[c].items() if k not in free}:
             raise click.ClickException(f"--init {folder}: {c} differs from the options' architecture")
-        configs[c] = {**config, "num_layers": layers[1]} if "num_layers" in config else config
+        configs[c] = {**config, "num_layers": layers[1]} if grow else config
         loaded = float_parameters(load_component(folder / c, type(model), type(model.config), dtype=mx.float32))
-        if layers[0] != layers[1]:
+        if grow:
             loaded = tree_unflatten(list(_grow_blocks(dict(tree_flatten(loaded)), dict(tree_flatten(model.parameters())),
                                                       *layers).items()))
         model.update(loaded)
