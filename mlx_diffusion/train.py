@@ -15,9 +15,9 @@ it is written as an MLX model folder exactly like `tools/convert.py` writes, so 
   without it, and the model's `max_sequence_length` default is 0, so the context is the CLIP tokens only;
 - `transformer/`: an SD3Transformer2DModel (joint attention, fixed sin-cos positions, adaLN-Zero), trained in
   stage 2 together with the text encoders on a pool of scenes encoded once (`--pool`): rectified flow (x_t =
-  (1 - t) x0 + t noise, target noise - x0, t logit-normal as SD3), AdamW with warm-up and cosine decay, captions
-  dropped 10% of the time for classifier-free guidance, an exponential moving average of the weights, which is
-  what is saved.
+  (1 - t) x0 + t noise, target noise - x0, t logit-normal as SD3, or a mixture of logit-normals moved towards
+  noise: `--t-mean`), AdamW with warm-up and cosine decay, captions dropped 10% of the time for classifier-free
+  guidance, an exponential moving average of the weights, which is what is saved.
 
 Everything is drawn from `--seed` (data, initialisation, noise), so the same command gives the same weights on the
 same machine. The folder is rewritten atomically every `--save-every` steps and at the end; `mlx_diffusion.json`
@@ -488,18 +488,14 @@ def train(opts: dict, out: Path, command: str, progress=True, log=print):
     return out
 
 
-def _ints(ctx, param, value):
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter("a comma-separated list of integers") from None
-
-
-def _floats(ctx, param, value):
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter("a comma-separated list of numbers") from None
+def _list_of(kind, what):
+    """A click callback reading a comma-separated option into a tuple of `kind`."""
+    def parse(ctx, param, value):
+        try:
+            return tuple(kind(v) for v in value.split(","))
+        except ValueError:
+            raise click.BadParameter(f"a comma-separated list of {what}") from None
+    return parse
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -510,7 +506,8 @@ def _floats(ctx, param, value):
 @click.option("--vae-lr", type=float, default=3e-3, show_default=True)
 @click.option("--vae-kl", type=float, default=1e-4, show_default=True, help="Weight of the latents' mean square.")
 @click.option("--vae-noise", type=float, default=0.0, show_default=True, help="Std of noise added to latents.")
-@click.option("--vae-channels", default="16,32,64", callback=_ints, show_default=True)
+@click.option("--vae-channels", default="16,32,64", callback=_list_of(int, "integers"), show_default=True,
+              help="VAE block widths (each after the first halves the resolution).")
 @click.option("--vae-groups", type=int, default=4, show_default=True)
 @click.option("--vae-edge", type=float, default=1.0, show_default=True,
               help="Weight of the squared error of the reconstruction's pixel differences (edges).")
@@ -519,7 +516,7 @@ def _floats(ctx, param, value):
 @click.option("--pool", type=int, default=POOL, show_default=True,
               help="Training scenes encoded once for the transformer stage (at most steps x batch).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--t-mean", default="0", callback=_floats, show_default=True,
+@click.option("--t-mean", default="0", callback=_list_of(float, "numbers"), show_default=True,
               help="Location of the logit-normal noise levels (SD3: 0; > 0 trains high noise more); several, "
                    "comma-separated: an equal mixture.")
 @click.option("--warmup", type=int, default=100, show_default=True)
