@@ -23,7 +23,7 @@ def pipe():
 
 def test_builtin_model_is_small_and_records_its_training():
     size = sum(f.stat().st_size for f in BUILTIN_MODEL.rglob("*") if f.is_file())
-    assert size < 10e6, f"{size / 1e6:.1f} MB"
+    assert size < 12e6, f"{size / 1e6:.1f} MB"
     info = json.loads((BUILTIN_MODEL / "mlx_diffusion.json").read_text())
     assert info["family"] == "sd3" and info["variant"] == "tiny"
     assert info["training"]["command"].startswith("python -m mlx_diffusion.train ")
@@ -41,7 +41,7 @@ def test_generates_with_defaults_reproducibly(pipe):
 
 def test_draws_what_it_is_told(pipe):
     """Fixed prompt sets, read back by the attribute classifier; an untrained model is at chance (colour and
-    background 1/8, shape and count 1/3, position ~1/5). Measured here: shape 0.79 / 0.75, count 0.79 / 0.67 (seen /
+    background 1/8, shape and count 1/3, position ~1/5). Measured here: shape 0.83 / 0.71, count 0.83 / 0.67 (seen /
     held-out); `python -m mlx_diffusion.evaluate` gives the README's numbers on larger sets."""
     floors = {"seen": {"colour": 0.85, "background": 0.85, "position": 0.85, "count": 0.5, "shape": 0.55},
               "heldout": {"colour": 0.85, "background": 0.85, "position": 0.85, "count": 0.5, "shape": 0.55}}
