@@ -347,8 +347,11 @@ def _load_init(folder: Path, configs: dict, models: dict):
         layers = config.get("num_layers", 0), configs[c].get("num_layers", 0)
         grow = c == "transformer" and layers[0] < layers[1] and not config.get("dual_attention_layers")
         free = {"shift_factor", "scaling_factor"} | ({"num_layers"} if grow else set())
-        if {k: v for k, v in config.items() if k not in free} != {k: v for k, v in configs[c].items() if k not in free}:
-            raise click.ClickException(f"--init {folder}: {c} differs from the options' architecture")
+        diff = sorted(k for k in config.keys() | configs[c].keys()
+                      if k not in free and config.get(k) != configs[c].get(k))
+        if diff:
+            said = ", ".join(f"{k} {config.get(k)} there, {configs[c].get(k)} here" for k in diff)
+            raise click.ClickException(f"--init {folder}: {c} differs from the options' architecture ({said})")
         configs[c] = {**config, "num_layers": layers[1]} if grow else config
         loaded = float_parameters(load_component(folder / c, type(model), type(model.config), dtype=mx.float32))
         if grow:
