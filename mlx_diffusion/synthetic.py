@@ -133,9 +133,13 @@ _HELD_OUT_IDS = np.array([_combo_index(COLOURS.index(c), SHAPES.index(s), COLOUR
 _IS_HELD_OUT = np.isin(np.arange(len(COLOURS) ** 2 * len(SHAPES)), _HELD_OUT_IDS)
 
 
-def draw_scenes(rng: np.random.Generator, n: int, split: str = "train") -> list[Scene]:
-    """Uniform colour/shape/background (background != colour); count 1/2/3 at 50/25/25%; position None 30%, else
-    uniform; the background named in 70% of captions. "train" never draws HELD_OUT, "heldout" draws only it."""
+COUNT_WEIGHTS = (0.5, 0.25, 0.25)  # how often 1, 2 and 3 objects are drawn
+
+
+def draw_scenes(rng: np.random.Generator, n: int, split: str = "train", counts=COUNT_WEIGHTS) -> list[Scene]:
+    """Uniform colour/shape/background (background != colour); count 1/2/3 in the proportions `counts` (50/25/25%);
+    position None 30%, else uniform; the background named in 70% of captions. "train" never draws HELD_OUT,
+    "heldout" draws only it."""
     if split == "heldout":
         colour, shape, background = np.array([[COLOURS.index(c), SHAPES.index(s), COLOURS.index(b)]
                                               for c, s, b in HELD_OUT])[rng.integers(len(HELD_OUT), size=n)].T
@@ -150,17 +154,21 @@ def draw_scenes(rng: np.random.Generator, n: int, split: str = "train") -> list[
             todo = todo[_IS_HELD_OUT[_combo_index(c, s, b)]]
     else:
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
-    count = rng.choice(COUNTS, size=n, p=(0.5, 0.25, 0.25))
+    weights = np.asarray(counts, dtype=np.float64)
+    if weights.shape != (len(COUNTS),) or (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError(f"counts must be {len(COUNTS)} non-negative weights, not all zero")
+    count = rng.choice(COUNTS, size=n, p=weights / weights.sum())
     position = np.where(rng.random(n) < 0.3, -1, rng.integers(len(POSITIONS), size=n))
     say = rng.random(n) < 0.7
     return [Scene(COLOURS[c], SHAPES[s], int(k), None if p < 0 else POSITIONS[p], COLOURS[b], bool(y))
             for c, s, k, p, b, y in zip(colour, shape, count, position, background, say)]
 
 
-def sample(rng: np.random.Generator, n: int, size: int = 64, split: str = "train"):
+def sample(rng: np.random.Generator, n: int, size: int = 64, split: str = "train", counts=COUNT_WEIGHTS,
+           gap: float | None = None):
     """n random scenes: (images uint8 (n, size, size, 3), captions (with synonyms at times), scenes)."""
-    scenes = draw_scenes(rng, n, split)
-    return render_many(scenes, rng, size), [caption(s, rng) for s in scenes], scenes
+    scenes = draw_scenes(rng, n, split, counts)
+    return render_many(scenes, rng, size, gap), [caption(s, rng) for s in scenes], scenes
 
 
 def eval_scenes(n: int = 60, seed: int = 0) -> list[Scene]:
@@ -181,7 +189,7 @@ def eval_scenes(n: int = 60, seed: int = 0) -> list[Scene]:
 
 # Object half-size (half the bounding box side) in pixels at size 64, by count; shrunk further when they must fit.
 _HALF_SIZE = {1: (7.0, 13.0), 2: (5.0, 9.0), 3: (4.0, 7.5)}
-_GAP = 3.0  # pixels between the bounding boxes of two objects, so they stay separate components when blurred
+GAP = 3.0  # pixels between the bounding boxes of two objects, so they stay separate components when blurred
 _EDGE = 1.0  # object to image border: border pixels stay pure background
 _BAND = 1.0  # centres this far inside their third, so a centroid measured to a pixel still lands in it
 _JITTER = 6.0  # a lone object without a position: centre +- this
@@ -212,17 +220,17 @@ def _bounds(half, triangle, region, size):
             np.maximum(region[..., 2], edge + drop), np.minimum(region[..., 3], size - edge + drop))
 
 
-def _fits(count, half, triangle, region, size, slack=1.1):
+def _fits(count, half, triangle, region, size, gap, slack=1.1):
     """Whether `count` objects can sit in the region with `slack` x the spacing they need (1-3 objects: a pair
     along the longer side, three in an L or a row)."""
     x0, x1, y0, y1 = _bounds(half, triangle, region, size)
-    w, h, sep = x1 - x0, y1 - y0, slack * (2 * half + _GAP * size / 64)
+    w, h, sep = x1 - x0, y1 - y0, slack * (2 * half + gap * size / 64)
     long = np.maximum(w, h)
     return (w >= 0) & (h >= 0) & ((count == 1) | ((count == 2) & (long >= sep))
                                   | ((w >= sep) & (h >= sep)) | (long >= 2 * sep))
 
 
-def _place(scenes, rng, size, candidates=48, rounds=40):
+def _place(scenes, rng, size, gap=None, candidates=48, rounds=40):
     """Half-sizes (n,) and centroids (n, 3, 2) as (x, y); unused slots are NaN.
 
     Sizes are drawn from the count's range, capped where the region is too small to hold the objects comfortably.
@@ -236,7 +244,8 @@ def _place(scenes, rng, size, candidates=48, rounds=40):
     region = _regions(scenes, size)
     lo, hi = np.array([_HALF_SIZE[k] for k in count]).T * scale
     grid = np.linspace(0.25, 1, 31)[:, None] * hi  # (31, n): the largest that fits caps the range
-    fit = _fits(count, grid, triangle, region[None], size)
+    gap = GAP if gap is None else gap
+    fit = _fits(count, grid, triangle, region[None], size, gap)
     cap = np.where(fit.any(0), grid[::-1][np.argmax(fit[::-1], 0), np.arange(n)], grid[0])
     hi = np.minimum(hi, cap)
     half = np.minimum(lo, hi) + np.maximum(hi - lo, 0) * rng.random(n)
@@ -256,7 +265,7 @@ def _place(scenes, rng, size, candidates=48, rounds=40):
             ok &= ~need | free[rows, first]
             centres[todo, j] = np.where(need[:, None], cand[rows, first], np.nan)
             dist = np.abs(cand - cand[rows, first][:, None]).max(-1)  # boxes separate along x or y
-            free &= dist >= (2 * h + _GAP * scale)[:, None]
+            free &= dist >= (2 * h + gap * scale)[:, None]
         todo = todo[~ok]
         if not todo.size:
             return half, centres
@@ -288,9 +297,10 @@ def _coverage(shape, half, centres, size):
     return cov.sum(1)
 
 
-def render_many(scenes: list[Scene], rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """Render scenes to uint8 (n, size, size, 3); sizes and placements drawn from rng."""
-    half, centres = _place(scenes, rng, size)
+def render_many(scenes: list[Scene], rng: np.random.Generator, size: int = 64, gap: float | None = None) -> np.ndarray:
+    """Render scenes to uint8 (n, size, size, 3); sizes and placements drawn from rng; objects at least `gap` pixels
+    apart (at size 64; default GAP)."""
+    half, centres = _place(scenes, rng, size, GAP if gap is None else gap)
     alpha = np.zeros((len(scenes), size, size), np.float32)
     shapes = np.array([SHAPES.index(s.shape) for s in scenes])
     for i, shape in enumerate(SHAPES):

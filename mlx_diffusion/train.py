@@ -300,7 +300,8 @@ def encode_pool(vae, tokenizer, opts, rng, shift, std, progress, batch=64):
     with _bar(n, "encode", progress) as bar:
         for start in range(0, n, batch):
             m = min(batch, n - start)
-            images, captions, _ = synthetic.sample(rng, m, size=opts["image_size"], split="train")
+            images, captions, _ = synthetic.sample(rng, m, size=opts["image_size"], split="train",
+                                                   counts=opts.get("counts", synthetic.COUNT_WEIGHTS), gap=opts.get("gap"))
             mean, _ = vae.encode(to_model_images(images))
             latents.append(((mean - shift) / std).transpose(0, 3, 1, 2))
             mx.eval(latents[-1])
@@ -518,6 +519,10 @@ def _list_of(kind, what):
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--pool", type=int, default=POOL, show_default=True,
               help="Training scenes encoded once for the transformer stage (at most steps x batch).")
+@click.option("--counts", default="0.5,0.25,0.25", callback=_list_of(float, "numbers"), show_default=True,
+              help="Proportions of scenes with 1, 2 and 3 objects in the transformer's training pool.")
+@click.option("--gap", type=float, default=synthetic.GAP, show_default=True,
+              help="Least distance in pixels (at 64x64) between the objects of the transformer's training scenes.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--t-mean", default="0", callback=_list_of(float, "numbers"), show_default=True,
               help="Location of the logit-normal noise levels (SD3: 0; > 0 trains high noise more); several, "
@@ -551,6 +556,8 @@ def main(output, force, quiet, **opts):
         raise click.ClickException(f"{output} already exists (use --force to replace it)")
     opts["bits"] = None if opts["bits"] == "none" else int(opts["bits"])
     opts["init"] = str(opts["init"]) if opts["init"] else None
+    if len(opts["counts"]) != len(synthetic.COUNTS) or min(opts["counts"]) < 0 or not sum(opts["counts"]) > 0:
+        raise click.ClickException(f"--counts: {len(synthetic.COUNTS)} non-negative proportions, not all zero")
     if opts["width"] % opts["head_dim"] or opts["image_size"] % (2 ** len(opts["vae_channels"])):
         raise click.ClickException("--width must be a multiple of --head-dim, --image-size of 2 * the VAE factor")
     command = "python -m mlx_diffusion.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])

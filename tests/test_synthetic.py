@@ -112,6 +112,19 @@ def test_held_out_split():
     assert {(s.count, s.position) for s in evals} == {(k, p) for k in S.COUNTS for p in (None, *S.POSITIONS)}
 
 
+def test_count_proportions():
+    rng = np.random.default_rng(1)
+    more = [s.count for s in S.draw_scenes(rng, 6000, counts=(1, 2, 2))]  # weights need not sum to 1
+    assert np.allclose(np.bincount(more, minlength=4)[1:] / 6000, (0.2, 0.4, 0.4), atol=0.02)
+    assert {s.count for s in S.draw_scenes(rng, 500, counts=(0, 0, 1))} == {3}
+    # the default proportions draw exactly what they drew before the option existed
+    a, b = (S.draw_scenes(np.random.default_rng(2), 100, counts=c) for c in (S.COUNT_WEIGHTS, (2, 1, 1)))
+    assert a == b
+    for bad in ((1, 1), (0, 0, 0), (1, -1, 1)):
+        with pytest.raises(ValueError, match="counts must be"):
+            S.draw_scenes(rng, 10, counts=bad)
+
+
 def test_deterministic_from_seed():
     a = S.sample(np.random.default_rng(7), 32)
     b = S.sample(np.random.default_rng(7), 32)
@@ -136,11 +149,21 @@ def test_placement_and_rendering():
         assert (box_y + h <= 63).all()
         for i in range(scene.count):
             for j in range(i):
-                assert max(abs(c[i, 0] - c[j, 0]), abs(c[i, 1] - c[j, 1])) >= 2 * h + S._GAP - 1e-9
+                assert max(abs(c[i, 0] - c[j, 0]), abs(c[i, 1] - c[j, 1])) >= 2 * h + S.GAP - 1e-9
     print("\nhalf-size percentiles 0/5/50/95/100 by count: " + ", ".join(
         f"{k}: {np.percentile([h for s, h in zip(scenes, half) if s.count == k], [0, 5, 50, 95, 100]).round(1)}"
         for k in S.COUNTS))
     assert half.min() > 2.5
+    # a wider gap (train --gap) keeps objects that far apart; the default is GAP, drawn exactly as before
+    few = scenes[:600]
+    half, centres = S._place(few, np.random.default_rng(1), 64, gap=5.0)
+    for scene, h, c in zip(few, half, centres):
+        for i in range(scene.count):
+            for j in range(i):
+                assert max(abs(c[i, 0] - c[j, 0]), abs(c[i, 1] - c[j, 1])) >= 2 * h + 5.0 - 1e-9
+    assert half.min() > 2.5
+    default, three = (S.render_many(few[:64], np.random.default_rng(2), gap=g) for g in (None, S.GAP))
+    assert np.array_equal(default, three)
 
     # coverage: anti-aliased edges, and areas as the shapes' formulas say (square 4h^2, circle pi h^2, triangle 2h^2)
     for shape, area in (("square", 4), ("circle", np.pi), ("triangle", 2)):
