@@ -165,10 +165,10 @@ def draw_scenes(rng: np.random.Generator, n: int, split: str = "train", counts=C
 
 
 def sample(rng: np.random.Generator, n: int, size: int = 64, split: str = "train", counts=COUNT_WEIGHTS,
-           gap: float | None = None):
+           gap: float | None = None, layout: str = "random"):
     """n random scenes: (images uint8 (n, size, size, 3), captions (with synonyms at times), scenes)."""
     scenes = draw_scenes(rng, n, split, counts)
-    return render_many(scenes, rng, size, gap), [caption(s, rng) for s in scenes], scenes
+    return render_many(scenes, rng, size, gap, layout), [caption(s, rng) for s in scenes], scenes
 
 
 def eval_scenes(n: int = 60, seed: int = 0) -> list[Scene]:
@@ -230,8 +230,63 @@ def _fits(count, half, triangle, region, size, gap, slack=1.1):
                                   | ((w >= sep) & (h >= sep)) | (long >= 2 * sep))
 
 
-def _place(scenes, rng, size, gap=None, candidates=48, rounds=40):
-    """Half-sizes (n,) and centroids (n, 3, 2) as (x, y); unused slots are NaN.
+_TIDY_JITTER = 1.5  # pixels each tidy slot may move, on each axis
+
+
+def _tidy_slots(count, half, triangle, region, size, gap):
+    """The "tidy" layout's centroids (n, 3, 2) before jitter, and whether they fit (n,).
+
+    Objects sit on the region's longer axis (x when square), centred across it, at the centres of `count` equal cells
+    of the region where the allowed centroid box is long enough, else as far apart as it allows; three that do not fit
+    in a row make a triangle: two on one line, one centred on the next. Neighbours are at least 2 half + gap + 2
+    jitter apart along one axis, so jittered objects stay `gap` apart."""
+    x0, x1, y0, y1 = _bounds(half, triangle, region, size)
+    box = np.stack([x1 - x0, y1 - y0], -1)  # (..., 2)
+    mid = np.stack([x0 + x1, y0 + y1], -1) / 2
+    reg = np.stack([region[..., 1] - region[..., 0], region[..., 3] - region[..., 2]], -1)
+    sep = 2 * half + (gap + 2 * _TIDY_JITTER) * size / 64
+    along = (box[..., 1] > box[..., 0]).astype(int)  # 0: x, 1: y
+    long_box, short_box = np.take_along_axis(box, along[..., None], -1)[..., 0], \
+        np.take_along_axis(box, 1 - along[..., None], -1)[..., 0]
+    long_reg, short_reg = np.take_along_axis(reg, along[..., None], -1)[..., 0], \
+        np.take_along_axis(reg, 1 - along[..., None], -1)[..., 0]
+    row = long_box >= (count - 1) * sep
+    fits = (box >= 0).all(-1) & (row | ((count == 3) & (long_box >= sep) & (short_box >= sep)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d_row = np.clip(long_reg / count, sep, long_box / np.maximum(count - 1, 1))
+    d_pair = np.clip(long_reg / 2, sep, long_box)
+    d_line = np.clip(short_reg / 2, sep, short_box)
+    offsets = np.zeros(row.shape + (3, 2))  # (along the long axis, across it) from the box centre
+    for j in range(3):
+        in_row = (j - (count - 1) / 2) * d_row
+        tri = np.where(j < 2, (j - 0.5) * d_pair, 0.0), np.where(j < 2, -d_line / 2, d_line / 2)
+        offsets[..., j, 0] = np.where(row, in_row, tri[0])
+        offsets[..., j, 1] = np.where(row, 0.0, tri[1])
+    xy = np.where((along == 0)[..., None, None], offsets, offsets[..., ::-1])
+    return mid[..., None, :] + xy, fits
+
+
+def _place_tidy(count, triangle, region, lo, hi, rng, size, gap):
+    """Half-sizes and centroids of the "tidy" layout: the size drawn from the count's range, capped at the largest
+    that fits, then every object moved by up to _TIDY_JITTER on each axis (kept inside the allowed box)."""
+    n = len(count)
+    grid = np.linspace(0.1, 1, 46)[:, None] * hi  # (46, n)
+    _, fit = _tidy_slots(count, grid, triangle, region[None], size, gap)
+    cap = np.where(fit.any(0), grid[::-1][np.argmax(fit[::-1], 0), np.arange(n)], grid[0])
+    hi = np.minimum(hi, cap)
+    half = np.minimum(lo, hi) + np.maximum(hi - lo, 0) * rng.random(n)
+    centres, _ = _tidy_slots(count, half, triangle, region, size, gap)
+    x0, x1, y0, y1 = _bounds(half, triangle, region, size)
+    j = _TIDY_JITTER * size / 64
+    centres = centres + rng.uniform(-j, j, centres.shape)
+    centres[..., 0] = np.clip(centres[..., 0], x0[:, None], x1[:, None])
+    centres[..., 1] = np.clip(centres[..., 1], y0[:, None], y1[:, None])
+    centres[np.arange(3)[None, :] >= count[:, None]] = np.nan
+    return half, centres
+
+
+def _place(scenes, rng, size, gap=None, layout="random", candidates=48, rounds=40):
+    """Half-sizes (n,) and centroids (n, 3, 2) as (x, y); unused slots are NaN. `layout` "tidy": `_place_tidy`.
 
     Sizes are drawn from the count's range, capped where the region is too small to hold the objects comfortably.
     Then random sequential placement, vectorised over scenes: each round draws `candidates` points in the allowed
@@ -243,8 +298,12 @@ def _place(scenes, rng, size, gap=None, candidates=48, rounds=40):
     triangle = np.array([s.shape == "triangle" for s in scenes])
     region = _regions(scenes, size)
     lo, hi = np.array([_HALF_SIZE[k] for k in count]).T * scale
-    grid = np.linspace(0.25, 1, 31)[:, None] * hi  # (31, n): the largest that fits caps the range
     gap = GAP if gap is None else gap
+    if layout == "tidy":
+        return _place_tidy(count, triangle, region, lo, hi, rng, size, gap)
+    if layout != "random":
+        raise ValueError(f"layout must be 'random' or 'tidy', not {layout!r}")
+    grid = np.linspace(0.25, 1, 31)[:, None] * hi  # (31, n): the largest that fits caps the range
     fit = _fits(count, grid, triangle, region[None], size, gap)
     cap = np.where(fit.any(0), grid[::-1][np.argmax(fit[::-1], 0), np.arange(n)], grid[0])
     hi = np.minimum(hi, cap)
@@ -297,10 +356,12 @@ def _coverage(shape, half, centres, size):
     return cov.sum(1)
 
 
-def render_many(scenes: list[Scene], rng: np.random.Generator, size: int = 64, gap: float | None = None) -> np.ndarray:
+def render_many(scenes: list[Scene], rng: np.random.Generator, size: int = 64, gap: float | None = None,
+                layout: str = "random") -> np.ndarray:
     """Render scenes to uint8 (n, size, size, 3); sizes and placements drawn from rng; objects at least `gap` pixels
-    apart (at size 64; default GAP)."""
-    half, centres = _place(scenes, rng, size, GAP if gap is None else gap)
+    apart (at size 64; default GAP), placed at random in their region or, `layout="tidy"`, evenly in a row (or a
+    triangle of three) with a little jitter."""
+    half, centres = _place(scenes, rng, size, gap, layout)
     alpha = np.zeros((len(scenes), size, size), np.float32)
     shapes = np.array([SHAPES.index(s.shape) for s in scenes])
     for i, shape in enumerate(SHAPES):

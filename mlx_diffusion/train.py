@@ -301,7 +301,8 @@ def encode_pool(vae, tokenizer, opts, rng, shift, std, progress, batch=64):
         for start in range(0, n, batch):
             m = min(batch, n - start)
             images, captions, _ = synthetic.sample(rng, m, size=opts["image_size"], split="train",
-                                                   counts=opts.get("counts", synthetic.COUNT_WEIGHTS), gap=opts.get("gap"))
+                                                   counts=opts.get("counts", synthetic.COUNT_WEIGHTS),
+                                                   gap=opts.get("gap"), layout=opts.get("layout", "random"))
             mean, _ = vae.encode(to_model_images(images))
             latents.append(((mean - shift) / std).transpose(0, 3, 1, 2))
             mx.eval(latents[-1])
@@ -523,6 +524,9 @@ def _list_of(kind, what):
               help="Proportions of scenes with 1, 2 and 3 objects in the transformer's training pool.")
 @click.option("--gap", type=float, default=synthetic.GAP, show_default=True,
               help="Least distance in pixels (at 64x64) between the objects of the transformer's training scenes.")
+@click.option("--layout", type=click.Choice(["random", "tidy"]), default="random", show_default=True,
+              help="How the transformer's training scenes place objects in their region: anywhere, or evenly in a row "
+                   "(three in a triangle where a row does not fit) with a little jitter.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--t-mean", default="0", callback=_list_of(float, "numbers"), show_default=True,
               help="Location of the logit-normal noise levels (SD3: 0; > 0 trains high noise more); several, "

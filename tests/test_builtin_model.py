@@ -129,7 +129,7 @@ def test_training_runs_and_is_reproducible(tmp_path):
 
 def test_training_continues_from_a_folder(tmp_path):
     first = train.train(dict(SMOKE), tmp_path / "first", "first command", progress=False, log=lambda m: None)
-    more = train.train({**SMOKE, "init": str(first), "vae_steps": 0, "steps": 2, "counts": (0, 1, 1)}, tmp_path / "more", "second command",
+    more = train.train({**SMOKE, "init": str(first), "vae_steps": 0, "steps": 2, "counts": (0, 1, 1), "layout": "tidy"}, tmp_path / "more", "second command",
                        progress=False, log=lambda m: None)
     assert (more / "vae" / "model.safetensors").read_bytes() == (first / "vae" / "model.safetensors").read_bytes()
     assert (more / "vae" / "config.json").read_text() == (first / "vae" / "config.json").read_text()

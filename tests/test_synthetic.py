@@ -125,6 +125,29 @@ def test_count_proportions():
             S.draw_scenes(rng, 10, counts=bad)
 
 
+def test_tidy_layout():
+    rng = np.random.default_rng(4)
+    scenes = S.draw_scenes(rng, 3000)
+    for gap in (S.GAP, 5.0):
+        half, centres = S._place(scenes, rng, 64, gap=gap, layout="tidy")
+        _check_placement(scenes, half, centres, gap)
+    # objects in a row along the region's longer side, evenly: "two ... at the top" side by side at the centres of
+    # the halves of the width, give or take the jitter; three in a corner make a triangle
+    j = S._TIDY_JITTER
+    pair = [S.Scene("green", "square", 2, "top", "red")] * 50
+    half, c = S._place(pair, rng, 64, layout="tidy")
+    assert np.allclose(np.sort(c[:, :2, 0], 1), [16, 48], atol=j) and np.ptp(c[:, :2, 1], 1).max() <= 2 * j
+    column = [S.Scene("red", "circle", 3, "left", "blue")] * 50
+    half, c = S._place(column, rng, 64, layout="tidy")
+    assert np.allclose(np.sort(c[:, :, 1], 1), [64 / 6, 32, 64 * 5 / 6], atol=j) and np.ptp(c[:, :, 0], 1).max() <= 2 * j
+    corner = [S.Scene("red", "circle", 3, "bottom right", "blue")] * 50
+    half, c = S._place(corner, rng, 64, layout="tidy")
+    ys = np.sort(c[:, :, 1], 1)
+    assert (ys[:, 1] - ys[:, 0] <= 2 * j).all() and (ys[:, 2] - ys[:, 1] > 2 * half + S.GAP).all()  # two, then one
+    with pytest.raises(ValueError, match="layout must be"):
+        S._place(pair, rng, 64, layout="neat")
+
+
 def test_deterministic_from_seed():
     a = S.sample(np.random.default_rng(7), 32)
     b = S.sample(np.random.default_rng(7), 32)
@@ -135,33 +158,33 @@ def test_deterministic_from_seed():
     assert np.array_equal(S.render(scene, np.random.default_rng(3)), S.render(scene, np.random.default_rng(3)))
 
 
-def test_placement_and_rendering():
-    rng = np.random.default_rng(0)
-    scenes = S.draw_scenes(rng, 3000) + S.draw_scenes(rng, 1000, split="heldout")
-    half, centres = S._place(scenes, rng, 64)
+def _check_placement(scenes, half, centres, gap):
     regions = S._regions(scenes, 64)
     for scene, h, slots, (x0, x1, y0, y1) in zip(scenes, half, centres, regions):
         c = slots[: scene.count]
         assert not np.isnan(c).any() and np.isnan(slots[scene.count :]).all()
         box_y = c[:, 1] - (h / 3 if scene.shape == "triangle" else 0)  # bounding-box centres
         assert (c[:, 0] >= x0).all() and (c[:, 0] <= x1).all() and (c[:, 1] >= y0).all() and (c[:, 1] <= y1).all()
-        assert (c[:, 0] - h >= 1).all() and (c[:, 0] + h <= 63).all() and (box_y - h >= 1).all()
-        assert (box_y + h <= 63).all()
+        assert (c[:, 0] - h >= 1 - 1e-9).all() and (c[:, 0] + h <= 63 + 1e-9).all() and (box_y - h >= 1 - 1e-9).all()
+        assert (box_y + h <= 63 + 1e-9).all()
         for i in range(scene.count):
             for j in range(i):
-                assert max(abs(c[i, 0] - c[j, 0]), abs(c[i, 1] - c[j, 1])) >= 2 * h + S.GAP - 1e-9
+                assert max(abs(c[i, 0] - c[j, 0]), abs(c[i, 1] - c[j, 1])) >= 2 * h + gap - 1e-9
+    assert half.min() > 2.5
+
+
+def test_placement_and_rendering():
+    rng = np.random.default_rng(0)
+    scenes = S.draw_scenes(rng, 3000) + S.draw_scenes(rng, 1000, split="heldout")
+    half, centres = S._place(scenes, rng, 64)
+    _check_placement(scenes, half, centres, S.GAP)
     print("\nhalf-size percentiles 0/5/50/95/100 by count: " + ", ".join(
         f"{k}: {np.percentile([h for s, h in zip(scenes, half) if s.count == k], [0, 5, 50, 95, 100]).round(1)}"
         for k in S.COUNTS))
-    assert half.min() > 2.5
     # a wider gap (train --gap) keeps objects that far apart; the default is GAP, drawn exactly as before
     few = scenes[:600]
     half, centres = S._place(few, np.random.default_rng(1), 64, gap=5.0)
-    for scene, h, c in zip(few, half, centres):
-        for i in range(scene.count):
-            for j in range(i):
-                assert max(abs(c[i, 0] - c[j, 0]), abs(c[i, 1] - c[j, 1])) >= 2 * h + 5.0 - 1e-9
-    assert half.min() > 2.5
+    _check_placement(few, half, centres, 5.0)
     default, three = (S.render_many(few[:64], np.random.default_rng(2), gap=g) for g in (None, S.GAP))
     assert np.array_equal(default, three)
 
