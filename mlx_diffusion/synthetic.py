@@ -136,6 +136,14 @@ _IS_HELD_OUT = np.isin(np.arange(len(COLOURS) ** 2 * len(SHAPES)), _HELD_OUT_IDS
 COUNT_WEIGHTS = (0.5, 0.25, 0.25)  # how often 1, 2 and 3 objects are drawn
 
 
+def count_probabilities(counts) -> np.ndarray:
+    """Weights of 1, 2 and 3 objects (any non-negative numbers, not all zero) as probabilities."""
+    weights = np.asarray(counts, dtype=np.float64)
+    if weights.shape != (len(COUNTS),) or (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError(f"counts must be {len(COUNTS)} non-negative weights, not all zero")
+    return weights / weights.sum()
+
+
 def draw_scenes(rng: np.random.Generator, n: int, split: str = "train", counts=COUNT_WEIGHTS) -> list[Scene]:
     """Uniform colour/shape/background (background != colour); count 1/2/3 in the proportions `counts` (50/25/25%);
     position None 30%, else uniform; the background named in 70% of captions. "train" never draws HELD_OUT,
@@ -154,10 +162,7 @@ def draw_scenes(rng: np.random.Generator, n: int, split: str = "train", counts=C
             todo = todo[_IS_HELD_OUT[_combo_index(c, s, b)]]
     else:
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
-    weights = np.asarray(counts, dtype=np.float64)
-    if weights.shape != (len(COUNTS),) or (weights < 0).any() or not weights.sum() > 0:
-        raise ValueError(f"counts must be {len(COUNTS)} non-negative weights, not all zero")
-    count = rng.choice(COUNTS, size=n, p=weights / weights.sum())
+    count = rng.choice(COUNTS, size=n, p=count_probabilities(counts))
     position = np.where(rng.random(n) < 0.3, -1, rng.integers(len(POSITIONS), size=n))
     say = rng.random(n) < 0.7
     return [Scene(COLOURS[c], SHAPES[s], int(k), None if p < 0 else POSITIONS[p], COLOURS[b], bool(y))

@@ -522,7 +522,7 @@ def _list_of(kind, what):
               help="Training scenes encoded once for the transformer stage (at most steps x batch).")
 @click.option("--counts", default="0.5,0.25,0.25", callback=_list_of(float, "numbers"), show_default=True,
               help="Proportions of scenes with 1, 2 and 3 objects in the transformer's training pool.")
-@click.option("--gap", type=float, default=synthetic.GAP, show_default=True,
+@click.option("--gap", type=click.FloatRange(min=0), default=synthetic.GAP, show_default=True,
               help="Least distance in pixels (at 64x64) between the objects of the transformer's training scenes.")
 @click.option("--layout", type=click.Choice(["random", "tidy"]), default="random", show_default=True,
               help="How the transformer's training scenes place objects in their region: anywhere, or evenly in a row "
@@ -560,8 +560,10 @@ def main(output, force, quiet, **opts):
         raise click.ClickException(f"{output} already exists (use --force to replace it)")
     opts["bits"] = None if opts["bits"] == "none" else int(opts["bits"])
     opts["init"] = str(opts["init"]) if opts["init"] else None
-    if len(opts["counts"]) != len(synthetic.COUNTS) or min(opts["counts"]) < 0 or not sum(opts["counts"]) > 0:
-        raise click.ClickException(f"--counts: {len(synthetic.COUNTS)} non-negative proportions, not all zero")
+    try:
+        synthetic.count_probabilities(opts["counts"])
+    except ValueError as e:
+        raise click.ClickException(f"--counts: {e}") from None
     if opts["width"] % opts["head_dim"] or opts["image_size"] % (2 ** len(opts["vae_channels"])):
         raise click.ClickException("--width must be a multiple of --head-dim, --image-size of 2 * the VAE factor")
     command = "python -m mlx_diffusion.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])

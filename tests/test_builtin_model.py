@@ -199,3 +199,14 @@ def test_cli_defaults_to_the_builtin_model(tmp_path):
     r = evaluate_cli("--prompts", 3, "--quiet")
     assert r.returncode == 0, r.stderr
     assert "colour" in r.stdout and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [(("--counts", "1,2"), "--counts: counts must be 3 non-negative"),
+                                           (("--gap", "-1"), "'--gap': -1.0 is not in the range"),
+                                           (("--layout", "neat"), "'--layout': 'neat' is not one of")])
+def test_training_options_bad_input(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(train.main, ["-o", str(tmp_path / "out"), *args])
+    assert r.exit_code in (1, 2) and message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
