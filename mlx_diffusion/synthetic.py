@@ -250,15 +250,12 @@ def _tidy_slots(count, half, triangle, region, size, gap):
     mid = np.stack([x0 + x1, y0 + y1], -1) / 2
     reg = np.stack([region[..., 1] - region[..., 0], region[..., 3] - region[..., 2]], -1)
     sep = 2 * half + (gap + 2 * _TIDY_JITTER) * size / 64
-    along = (box[..., 1] > box[..., 0]).astype(int)  # 0: x, 1: y
-    long_box, short_box = np.take_along_axis(box, along[..., None], -1)[..., 0], \
-        np.take_along_axis(box, 1 - along[..., None], -1)[..., 0]
-    long_reg, short_reg = np.take_along_axis(reg, along[..., None], -1)[..., 0], \
-        np.take_along_axis(reg, 1 - along[..., None], -1)[..., 0]
+    vertical = box[..., 1] > box[..., 0]  # the longer axis is y
+    long_box, short_box = np.where(vertical, box[..., 1], box[..., 0]), np.where(vertical, box[..., 0], box[..., 1])
+    long_reg, short_reg = np.where(vertical, reg[..., 1], reg[..., 0]), np.where(vertical, reg[..., 0], reg[..., 1])
     row = long_box >= (count - 1) * sep
     fits = (box >= 0).all(-1) & (row | ((count == 3) & (long_box >= sep) & (short_box >= sep)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d_row = np.clip(long_reg / count, sep, long_box / np.maximum(count - 1, 1))
+    d_row = np.clip(long_reg / count, sep, long_box / np.maximum(count - 1, 1))
     d_pair = np.clip(long_reg / 2, sep, long_box)
     d_line = np.clip(short_reg / 2, sep, short_box)
     offsets = np.zeros(row.shape + (3, 2))  # (along the long axis, across it) from the box centre
@@ -267,7 +264,7 @@ def _tidy_slots(count, half, triangle, region, size, gap):
         tri = np.where(j < 2, (j - 0.5) * d_pair, 0.0), np.where(j < 2, -d_line / 2, d_line / 2)
         offsets[..., j, 0] = np.where(row, in_row, tri[0])
         offsets[..., j, 1] = np.where(row, 0.0, tri[1])
-    xy = np.where((along == 0)[..., None, None], offsets, offsets[..., ::-1])
+    xy = np.where(vertical[..., None, None], offsets[..., ::-1], offsets)
     return mid[..., None, :] + xy, fits
 
 
