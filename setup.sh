@@ -16,4 +16,4 @@ fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 $PY -m pip install -q --disable-pip-version-check -e ".${extra}"
-$PY -c "import mlx_diffusion, mlx_diffusion._blas as b; print('setup: mlx_diffusion', mlx_diffusion.__version__, '| BLAS:', b.loaded_path or b.status)"
+$PY -c "import mlx_diffusion, mlx_diffusion.backends.blas as b; print('setup: mlx_diffusion', mlx_diffusion.__version__, '| BLAS:', b.loaded_path or b.status)"

@@ -70,7 +70,7 @@ def write_checkpoint(path: Path, shapes: dict) -> int:
     """Random bf16 tensors written one at a time; returns the file's size."""
     import mlx_diffusion  # noqa: F401  before mlx.core
     import mlx.core as mx
-    from mlx_diffusion.weights import SafetensorsWriter
+    from mlx_diffusion.io.safetensors import SafetensorsWriter
 
     writer = SafetensorsWriter(path)
     key = mx.random.key(0)

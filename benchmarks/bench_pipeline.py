@@ -237,7 +237,7 @@ def main():
 
     import platform
 
-    from mlx_diffusion import _blas
+    from mlx_diffusion.backends import blas as _blas
 
     print(f"\n{args.family} preset {args.preset}: {preset}, {args.size}x{args.size}, {args.steps} steps, mlx weights "
           f"{'float32' if bits is None else f'{bits}-bit'}; {platform.machine()} {os.cpu_count()} cores, "

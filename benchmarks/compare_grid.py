@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import mlx_diffusion  # noqa: E402  (before mlx.core: OpenBLAS on Linux)
 from mlx_diffusion import load_pipeline  # noqa: E402
-from mlx_diffusion.weights import reference_arrays  # noqa: E402
+from mlx_diffusion.io.folder import reference_arrays  # noqa: E402
 
 PROMPTS = ["a red circle on a blue background", "two green squares at the top",
            "three yellow triangles in the bottom left on a black background", "a white square on the right"]

@@ -1,21 +1,21 @@
 """mlx_diffusion: Stable Diffusion 3 Medium and FLUX.1 text-to-image in MLX.
 
-Importing the package first interposes a fast BLAS under mlx-cpu on Linux and tunes malloc for large buffers (see
-`_blas.py`); it must therefore be imported before `mlx.core`.
+The public API is `load_pipeline` (see `pipelines`). Importing the package first interposes a fast BLAS under
+mlx-cpu on Linux and tunes malloc for large buffers (`backends/blas.py`); import it before `mlx.core`.
 """
 
-from . import _blas
+from .backends import blas as _blas_setup
 
-_blas.interpose()
-_blas.tune_allocator()
+_blas_setup.interpose()
+_blas_setup.tune_allocator()
 
 __version__ = "0.1.0"
 
 
 def load_pipeline(path=None, **kwargs):
-    """Load a converted MLX model folder (see `tools/convert.py`), or without a path the built-in tiny model, and
-    return a pipeline with `.generate(...)`."""
-    from .pipeline import load_pipeline as _load
+    """Open a converted MLX model folder (see `python -m mlx_diffusion convert`), or without a path the built-in
+    model, and return a pipeline with `.generate(...)`. Keyword arguments: see `pipelines.load_pipeline`."""
+    from .pipelines import load_pipeline as _load
 
     return _load(path, **kwargs)
 

@@ -3,6 +3,9 @@ from pathlib import Path
 
 import pytest
 
+# helpers, tiny_models and the test modules whose reference runs others reuse, whatever folder a test is in
+for folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and p.name not in ("assets", "__pycache__")):
+    sys.path.insert(0, str(folder))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import mlx_diffusion  # noqa: E402,F401  must come before any `import mlx.core` so the fast BLAS is interposed

@@ -1,0 +1,384 @@
+"""The CPU fast paths, behind the few calls the models make: attention, conv, GroupNorm(+SiLU), Linear on quantized
+weights, fused activations, and the one guard in front of every `mx.compile`.
+
+Why they exist: MLX's CPU backend runs everything that is not a BLAS call on one core, evaluates transcendental
+functions (exp, tanh, sigmoid) one value at a time at ~10-40 ns each, convolves through a 9x im2col buffer, and its
+`quantized_matmul` is ~80x slower than an fp32 GEMM. At FLUX and SD3 sizes these would cost as much as the matmuls.
+So on the CPU in float32:
+- exp in the softmax and tanh in GELU / SiLU are multiply-add polynomials that `mx.compile` fuses into a few
+  vectorised passes (Eigen's float tanh; a Taylor exp raised to the 64th power);
+- attention runs in cache-sized chunks alternately on two CPU streams (MLX gives each stream a thread), which puts
+  the softmax on both cores;
+- 3x3 convs are Winograd F(4x4, 3x3), with the decoder's nearest x2 upsampling folded into the input transform, and
+  large maps run in bands of rows (`BAND_ELEMENTS`), which bounds peak memory;
+- quantized Linear weights are dequantized per call and multiplied by BLAS.
+Everywhere else (a GPU, half precision, no compiler) each call is MLX's own op. The models' files therefore read
+like the reference math; what is done differently for speed is here, and `MLX_DISABLE_COMPILE=1` turns the fused
+forms off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# ---------------------------------------------------------------------------------------------------------------
+# the compile guard
+
+# `mx.compile` builds its fused CPU kernels with g++ on Linux (at first evaluation); without one, or with
+# MLX_DISABLE_COMPILE set, everything runs unfused.
+CAN_COMPILE = (sys.platform != "linux" or shutil.which("g++") is not None) and not os.environ.get("MLX_DISABLE_COMPILE")
+
+
+def compile(fn=None, **kwargs):
+    """`mx.compile(fn, **kwargs)` where MLX can compile, else `fn` itself; also a decorator, bare or with arguments."""
+    if fn is None:
+        return lambda f: compile(f, **kwargs)
+    return mx.compile(fn, **kwargs) if CAN_COMPILE else fn
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def _fast(x) -> bool:
+    return CAN_COMPILE and x.dtype == mx.float32 and on_cpu()
+
+
+def weights_dtype():
+    """The dtype pipelines load floating-point weights in: float32 on the CPU, whose fp16/bf16 matmuls are slow
+    paths (see the module docstring); None (as stored) elsewhere."""
+    return mx.float32 if on_cpu() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activations: Eigen's float tanh (also XLA's CPU tanh), x * P(x^2) / Q(x^2) on [-c, c] and exactly +-1 beyond, max
+# error ~2e-7 (~2 ulp)
+
+_TANH_CLAMP = 7.90531110763549805
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+def _horner(z, coeffs):
+    acc = z * coeffs[0] + coeffs[1]
+    for c in coeffs[2:]:
+        acc = acc * z + c
+    return acc
+
+
+def _tanh_parts(u, gelu: bool = False):
+    """tanh(u) as (numerator, denominator) on the shared coefficients. The two compiled graphs that use it differ
+    only in how the same values are computed, and g++ rounds each graph in its own way (last-bit differences that
+    show in images), so each keeps its measured form: SiLU clamps with `where` (min/max in a kernel keep g++ from
+    vectorizing it) and evaluates Q by Horner; GELU clamps with clip and evaluates Q in Estrin form. With the
+    numerator in Horner form the result is exactly +-1 at the clamp (which keeps GELU's negative tail at 0)."""
+    if gelu:
+        c = mx.clip(u, -_TANH_CLAMP, _TANH_CLAMP)
+        z = c * c
+        q = _TANH_Q
+        den = (q[3] + q[2] * z) + (z * z) * (q[1] + q[0] * z)
+    else:
+        c = mx.where(u > _TANH_CLAMP, _TANH_CLAMP, mx.where(u < -_TANH_CLAMP, -_TANH_CLAMP, u))
+        z = c * c
+        den = _horner(z, _TANH_Q)
+    return c * _horner(z, _TANH_P), den
+
+
+# SiLU runs as two compiled kernels on contiguous data: as a single graph it is deeper than MLX's fusion limit and
+# gets split at arbitrary points.
+_tanh_num_den = compile(_tanh_parts)
+
+
+@compile
+def _gelu_tanh_fused(x):
+    half_x = 0.5 * x
+    num, den = _tanh_parts(x * (0.7978845608028654 + 0.035677408136300125 * (x * x)), gelu=True)
+    return half_x + half_x * (num / den)
+
+
+def gelu_tanh(x):
+    """torch's GELU(approximate="tanh"); max abs error ~1e-6 with the rational tanh (CPU, float32)."""
+    return _gelu_tanh_fused(x) if _fast(x) else nn.gelu_approx(x)
+
+
+@compile
+def _silu_finish(u, num, den):
+    return u + u * (num / den)
+
+
+def _silu_from_half(u):
+    """silu(2u) = 2u * sigmoid(2u) = u * (1 + tanh(u)), with tanh from polynomials only (no exp)."""
+    return _silu_finish(u, *_tanh_num_den(u))
+
+
+def silu(x):
+    """SiLU; without exp on the CPU: within ~1 float32 ulp of |x| (abs error <= 2.2e-6 for x << 0, where it
+    underflows)."""
+    return _silu_from_half(0.5 * x) if _fast(x) else nn.silu(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+
+
+@compile
+def _softmax_numerator(s, row_max):
+    # e^(s - max + 15) as p(u)^64 with u = (s - max + 15) / 64 in [-0.23, 0.23] and p the degree-6 Taylor polynomial:
+    # only multiply-adds. Relative error ~5e-6 (rounding amplified by the squarings). The constant e^15 cancels in
+    # the normalisation; the clamp at -30 moves weights below e^-30 of the row's largest, a negligible change.
+    u = (mx.maximum(s - row_max, -30.0) + 15.0) * (1 / 64)
+    p = u * (1 / 720) + 1 / 120
+    for c in (1 / 24, 1 / 6, 0.5, 1.0, 1.0):
+        p = p * u + c
+    for _ in range(6):
+        p = p * p
+    return p
+
+
+@functools.cache
+def _cpu_streams():
+    return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+
+
+def attention(q, k, v, scale: float | None = None, max_scores: int = 1 << 22):
+    """softmax(q k^T * scale) v for (B, H, L, D) inputs, returned merged as (B, L, H*D). scale=None: D**-0.5.
+
+    On the CPU the work is cut into chunks of one head and as many query rows as keep the chunk's scores within
+    `max_scores` values (cache-sized, and a few big GEMMs rather than many thin ones), alternating between two
+    streams; in float32 the softmax uses the polynomial exponential above (output relative error ~5e-6) and
+    normalises after the second matmul. Elsewhere: `mx.fast.scaled_dot_product_attention`.
+    """
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    if not on_cpu():
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        return o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    if scale != 1.0:
+        q = q * scale
+    v = mx.contiguous(v)  # sliced once per chunk below
+    fast = _fast(q)
+    rows = max(1, min(L, max_scores // (B * S)))
+    heads, n = [], 0
+    for h in range(H):
+        kt = k[:, h : h + 1].swapaxes(-1, -2)
+        blocks = []
+        for r in range(0, L, rows):
+            with mx.stream(_cpu_streams()[n % 2]):
+                s = q[:, h : h + 1, r : r + rows] @ kt
+                if fast:
+                    e = _softmax_numerator(s, mx.max(s, axis=-1, keepdims=True))
+                    blocks.append((e @ v[:, h : h + 1]) / mx.sum(e, axis=-1, keepdims=True))
+                else:
+                    blocks.append(mx.softmax(s, axis=-1, precise=True) @ v[:, h : h + 1])
+            n += 1
+        heads.append((mx.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]).transpose(0, 2, 1, 3))
+    return mx.concatenate(heads, axis=2).reshape(B, L, H * D)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear on quantized weights
+
+
+def quantized_linear(x, weight, scales, biases, group_size: int, bits: int):
+    """x @ W.T for a weight in MLX's affine-quantized form. On a GPU: `quantized_matmul`. On the CPU, where that is
+    ~80x slower than an fp32 GEMM, the weight is dequantized per call and multiplied by BLAS, so memory stays at the
+    quantized size between calls."""
+    if mx.default_device() == mx.gpu:
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    w = mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits)
+    return x @ w.astype(x.dtype).T
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GroupNorm (+ SiLU) and convolutions, NHWC
+
+# Scratch memory budget, in elements, of one band of a large conv or GroupNorm+SiLU: large maps are processed in bands
+# of rows, each evaluated into its slice of a preallocated output. Bounds e.g. a 1024^2 decode's peak memory; so the
+# VAE's `encode`/`decode` on large inputs call `mx.eval` internally (do not wrap them in `mx.compile`).
+BAND_ELEMENTS = 1 << 26
+
+
+def _group_sum(a):
+    """(B, H, W, G, Cg) -> (B, 1, 1, G, 1) sums, in three short float32 accumulations (W, then Cg, then H terms)."""
+    return a.sum(axis=2, keepdims=True).sum(axis=4, keepdims=True).sum(axis=1, keepdims=True)
+
+
+@compile
+def _group_norm_affine(g, weight, bias, eps: float, factor: float):
+    """Per-(sample, channel) scale and shift of GroupNorm on g = (B, H, W, G, Cg), both times `factor`.
+
+    Compiled apart from the elementwise pass so that MLX does not fuse this small math into it (per element).
+    """
+    n = g.shape[1] * g.shape[2] * g.shape[4]
+    mean = _group_sum(g) / n
+    var = _group_sum(mx.square(g - mean)) / n  # two passes: no E[x^2] - E[x]^2 cancellation
+    scale = weight.reshape(g.shape[3], -1) * (factor * mx.rsqrt(var + eps))
+    return scale, factor * bias.reshape(g.shape[3], -1) - mean * scale
+
+
+@compile
+def _affine(x, scale, shift):
+    return x * scale + shift
+
+
+def group_norm(x, weight, bias, groups: int, eps: float, act: bool = False):
+    """torch.nn.GroupNorm on NHWC `x` (statistics over H, W and each group's channels), followed by SiLU when `act`.
+
+    On the CPU: two short float32 reductions for the statistics, one affine pass with SiLU's 1/2 folded in, the
+    polynomial SiLU, and on large maps bands of rows (SiLU keeps three full-size temporaries alive).
+    """
+    B, H, W, C = x.shape
+    g = x.reshape(B, H, W, groups, C // groups)
+    if not on_cpu():
+        mean = g.mean(axis=(1, 2, 4), keepdims=True)
+        var = mx.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+        y = ((g - mean) * mx.rsqrt(var + eps)).reshape(B, H, W, C) * weight + bias
+        return nn.silu(y) if act else y
+    scale, shift = _group_norm_affine(g, weight, bias, eps, 0.5 if act else 1.0)
+
+    def normalize(g):  # act: SiLU's 1/2 is folded into the affine
+        y = _affine(g, scale, shift)
+        return _silu_from_half(y) if act else y
+
+    rows = max(1, BAND_ELEMENTS // (4 * B * W * C))
+    if not act or rows >= H:
+        return normalize(g).reshape(B, H, W, C)
+    y = mx.zeros(g.shape, dtype=x.dtype)
+    for r in range(0, H, rows):
+        y[:, r : r + rows] = normalize(g[:, r : r + rows])
+        mx.eval(y)  # in place: y's buffer is donated to the update
+    return y.reshape(B, H, W, C)
+
+
+
+# Winograd F(4x4, 3x3) for the 3x3 convs: 36 GEMMs on 4x4 output tiles, 2.25 instead of 9 multiply-adds per output
+# and no 9x im2col buffer (MLX's CPU conv materializes one). Interpolation points 0, 1, -1, 1/2, -2 (instead of
+# +-2): float32 error ~1.5e-6 of the output's max per conv, vs ~3.4e-6 with +-2 and ~2e-7 for a direct conv.
+_M = 4
+_WINO_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 1 / 2, -2, 0), (0, 1, 1, 1 / 4, 4, 0), (0, 1, -1, 1 / 8, -8, 1))
+_WINO_G = ((1, 0, 0), (1 / 3, 1 / 3, 1 / 3), (-1 / 3, 1 / 3, -1 / 3), (-16 / 15, -8 / 15, -4 / 15),
+           (1 / 15, -2 / 15, 4 / 15), (0, 0, 1))
+_WINO_BT = ((1, -3 / 2, -2, 3 / 2, 1, 0), (0, -1, 1 / 2, 5 / 2, 1, 0), (0, 1, -5 / 2, 1 / 2, 1, 0),
+            (0, -2, -1, 2, 1, 0), (0, 1 / 2, -1, -1 / 2, 1, 0), (0, 1, -3 / 2, -2, 3 / 2, 1))
+_T = _M + 2  # input tile size
+
+
+def _lincomb(coeffs, xs):
+    terms = [x if c == 1 else -x if c == -1 else x * c for c, x in zip(coeffs, xs) if c != 0]
+    while len(terms) > 1:  # a balanced sum keeps the fused graph shallow
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def winograd_weights(w):
+    """OHWI (O, 3, 3, C) kernel -> (36, C, O) transformed kernel G w G^T: one (36, 9) x (9, C*O) matmul in float32."""
+    O, _, _, C = w.shape
+    gg = mx.array([[ga * gb for ga in _WINO_G[a] for gb in _WINO_G[b]] for a in range(_T) for b in range(_T)])
+    return (gg @ w.astype(mx.float32).transpose(1, 2, 3, 0).reshape(9, -1)).reshape(_T * _T, C, O).astype(w.dtype)
+
+
+@compile
+def _winograd_in(p, nt: int, ns: int, offsets: tuple, step: int):
+    """Input tiles B^T d B; tile (i, j) row k is p's row offsets[k] + step * i (columns alike)."""
+    rows = [p[:, o : o + step * nt : step] for o in offsets]
+    out = []
+    for a in range(_T):
+        r = _lincomb(_WINO_BT[a], rows)
+        cols = [r[:, :, o : o + step * ns : step] for o in offsets]
+        out += [_lincomb(_WINO_BT[b], cols) for b in range(_T)]
+    return out
+
+
+@compile
+def _winograd_out(m, bias):
+    """Output tiles A^T m A + bias, interleaved to (B, nt, 4, ns, 4, O)."""
+    tiles = []
+    for i in range(_M):
+        row = [_lincomb([_WINO_AT[i][a] for a in range(_T)], m[b::_T]) for b in range(_T)]
+        tiles.append(mx.stack([_lincomb(_WINO_AT[j], row) + bias for j in range(_M)], axis=3))
+    return mx.stack(tiles, axis=2)
+
+
+@compile
+def _sum_shifted_taps(y, H: int, W: int, O: int):
+    """y: (B, rows, 9 * O) products of the flattened padded input with each tap's weights -> (B, H * (W + 2), O)."""
+    n, wp = H * (W + 2), W + 2
+    return _lincomb([1] * 9, [y[:, dy * wp + dx : dy * wp + dx + n, (3 * dy + dx) * O : (3 * dy + dx + 1) * O]
+                              for dy in range(3) for dx in range(3)])
+
+
+def _conv3x3_shifted(x, weight, bias):
+    """Few output channels: one GEMM of the flattened padded input with all 9 taps, then 9 shifted slices summed."""
+    B, H, W, C = x.shape
+    O = weight.shape[0]
+    p = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(B, -1, C)  # one extra row keeps the shifts in bounds
+    y = p @ weight.transpose(3, 1, 2, 0).reshape(C, 9 * O)
+    return _sum_shifted_taps(y, H, W, O).reshape(B, H, W + 2, O)[:, :, :W] + bias
+
+
+def conv3x3(x, weight, bias, upsample: bool = False):
+    """3x3 conv, stride 1, zero padding 1, of NHWC `x`, or of `x` upsampled 2x (nearest) when `upsample`.
+
+    Winograd, except where the input or the output has few channels (e.g. the decoder's conv_out, the encoder's
+    conv_in): there the transforms cost more than they save. The upsampled map is never built: its tiles are read
+    from `x` with a stride of 2 and repeated rows/columns. Large maps are done in bands of tile rows, each evaluated
+    into its slice of the output.
+    """
+    B, H, W, C = x.shape
+    O = weight.shape[0]
+    if not upsample and 9 * O <= C:
+        return _conv3x3_shifted(x, weight, bias)
+    if not upsample and 9 * C <= O:  # MLX's im2col buffer is small here
+        return mx.conv_general(x, weight, padding=1) + bias
+    f = 2 if upsample else 1
+    nt, ns = -(-f * H // _M), -(-f * W // _M)
+    if upsample:  # padded upsampled row 4i + k is padded x's row 2i + (k + 1) // 2
+        step, offsets = 2, tuple((k + 1) // 2 for k in range(_T))
+        p = mx.pad(x, [(0, 0), (1, 2 * nt + 1 - H), (1, 2 * ns + 1 - W), (0, 0)])
+    else:
+        step, offsets = _M, tuple(range(_T))
+        p = mx.pad(x, [(0, 0), (1, 1 + _M * nt - H), (1, 1 + _M * ns - W), (0, 0)])
+    u = winograd_weights(weight)
+
+    def band(t0, t1):
+        v = _winograd_in(p[:, step * t0 : step * t1 + offsets[-1] + 1 - step], t1 - t0, ns, offsets, step)
+        m = [(v[i].reshape(-1, C) @ u[i]).reshape(B, t1 - t0, ns, O) for i in range(_T * _T)]
+        return _winograd_out(m, bias)  # (B, t1 - t0, 4, ns, 4, O)
+
+    rows = max(1, BAND_ELEMENTS // (_T * _T * B * ns * max(C, O)))
+    if rows >= nt:
+        y = band(0, nt)
+    else:
+        y = mx.zeros((B, nt, _M, ns, _M, O), dtype=x.dtype)
+        for t0 in range(0, nt, rows):
+            y[:, t0 : t0 + rows] = band(t0, min(nt, t0 + rows))
+            mx.eval(y)  # in place: y's buffer is donated to the update
+    y = y.reshape(B, _M * nt, _M * ns, O)
+    return y if (_M * nt, _M * ns) == (f * H, f * W) else y[:, : f * H, : f * W]
+
+
+def conv2d(x, weight, bias, stride: int = 1, padding=0, upsample: bool = False, winograd: bool = True):
+    """A conv with torch's parameters (weight OHWI, bias) on NHWC `x`, of `x` upsampled 2x (nearest) when `upsample`;
+    `padding` may be ((top, left), (bottom, right)) as in `mx.conv_general`.
+
+    On the CPU 3x3 stride-1 convs run through `conv3x3` unless `winograd` is False (training: backpropagating through
+    the transforms is ~3x slower than through `mx.conv_general` at the built-in model's small channel counts); its
+    kernel transform is cheap next to the conv, so it is not cached. 1x1 convs are one matmul; anything else, and
+    every conv on a GPU, is `mx.conv_general`.
+    """
+    if weight.shape[1:3] == (3, 3) and stride == 1 and padding == 1 and winograd and on_cpu():
+        return conv3x3(x, weight, bias, upsample)
+    if upsample:  # nearest x2
+        B, H, W, C = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+    if weight.shape[1:3] == (1, 1) and stride == 1 and padding == 0:
+        return x @ weight.reshape(weight.shape[0], -1).T + bias
+    return mx.conv_general(x, weight, stride=stride, padding=padding) + bias

@@ -1,0 +1,81 @@
+"""Command lines: thin layers over the public API. `mlx-diffusion` (also `python -m mlx_diffusion`) has the
+subcommands; each is also a command of its own (`mlx-diffusion-generate`, ...), and `run` runs any of them with every
+user error on one line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import Error
+
+
+def run(command, args=None):
+    """Run a click command with every user error on one line ("Error: ..."), no usage banner, no traceback."""
+    try:
+        command.main(args=args, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"Error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except Error as e:  # the package's own errors, should a command not have turned one into a ClickException
+        click.echo(f"Error: {one_line(e)}", err=True)
+        sys.exit(1)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
+
+
+class _Lazy(click.Group):
+    """Subcommands imported when used, so `--help` and one command do not import the others."""
+
+    commands_by_name = {
+        "generate": ("mlx_diffusion.cli.generate", "Generate images from a text prompt."),
+        "convert": ("mlx_diffusion.cli.convert", "Convert a checkpoint into an MLX model folder."),
+        "train": ("mlx_diffusion.tiny.train", "Train the built-in model on synthetic scenes."),
+        "evaluate": ("mlx_diffusion.tiny.evaluate", "Prompt following of a model trained on synthetic scenes."),
+    }
+
+    def list_commands(self, ctx):
+        return list(self.commands_by_name)
+
+    def get_command(self, ctx, name):
+        if name not in self.commands_by_name:
+            return None
+        import importlib
+
+        return importlib.import_module(self.commands_by_name[name][0]).main
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help) for name, (_, help) in self.commands_by_name.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_Lazy, context_settings={"help_option_names": ["-h", "--help"]})
+def group():
+    """mlx_diffusion: FLUX.1 and Stable Diffusion 3 text-to-image in MLX."""
+
+
+def main():
+    """The `mlx-diffusion` entry point."""
+    run(group)
+
+
+def generate():
+    """The `mlx-diffusion-generate` entry point."""
+    from .generate import main as command
+
+    run(command)
+
+
+def convert():
+    """The `mlx-diffusion-convert` entry point."""
+    from .convert import main as command
+
+    run(command)

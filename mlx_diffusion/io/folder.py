@@ -1,0 +1,257 @@
+"""The model-folder format: what `convert` and `tiny.train` write and `load_pipeline` reads.
+
+    FOLDER/mlx_diffusion.json       the info file: format version, family, variant, source, bits, dtype, per-component
+                                    records, and the generation defaults (`defaults`: steps, guidance, T5 length, size)
+    FOLDER/model_index.json         as diffusers'
+    FOLDER/<component>/config.json  the reference config our config classes read
+    FOLDER/<component>/model.safetensors
+                                    reference parameter names in MLX layout (conv kernels OHWI); quantized Linear
+                                    weights as `<layer>.weight` (packed uint32) + `.scales` + `.biases`, listed in the
+                                    file's metadata under QUANT_KEY
+    FOLDER/tokenizer*/, FOLDER/scheduler/scheduler_config.json
+
+Every folder is written under a temporary sibling name and swapped in when complete (`atomic_folder`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+import mlx.core as mx
+
+from .. import __version__
+from ..errors import WeightsError
+from ..models import kind_of
+from ..models.layers import quantize_layers
+from .safetensors import SafetensorsFile, SafetensorsWriter
+
+INFO_FILE = "mlx_diffusion.json"
+WEIGHTS_FILE = "model.safetensors"
+QUANT_KEY = "mlx_diffusion.quantization"  # safetensors metadata: {layer path: [bits, group_size]}
+# 1: the first; 2: `defaults` is required (format-1 folders get the released models' defaults when read)
+FORMAT_VERSION = 2
+
+
+def read_json(path) -> dict:
+    """A JSON object from a file, or a one-line WeightsError saying what is wrong with it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise WeightsError(f"{path} cannot be read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} is not a JSON object")
+    return data
+
+
+def write_json(path, data: dict):
+    Path(path).write_text(json.dumps(data, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the info file and the generation defaults
+
+# The released models' generation defaults (diffusers' FluxPipeline / StableDiffusion3Pipeline and the model cards).
+# The converter writes them into each folder; folders of format 1, which had no `defaults`, get them when read.
+RELEASED_DEFAULTS = {
+    ("flux", "schnell"): {"steps": 4, "guidance": None, "max_sequence_length": 256},
+    ("flux", "dev"): {"steps": 28, "guidance": 3.5, "max_sequence_length": 512},
+    "sd3": {"steps": 28, "guidance": 7.0, "max_sequence_length": 256},
+}
+
+
+def released_defaults(family: str, variant: str, transformer_config: dict, vae_config: dict) -> dict:
+    """The generation defaults of a released model of this family and variant at the configs' sizes: the size is
+    diffusers' default_sample_size (FLUX: 128; SD3: the transformer's sample_size) times the VAE's factor."""
+    factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    if family == "flux":
+        d = RELEASED_DEFAULTS[("flux", "dev" if variant == "dev" else "schnell")]
+        size = 128 * factor
+    else:
+        d = RELEASED_DEFAULTS["sd3"]
+        size = int(transformer_config.get("sample_size", 128)) * factor
+    return {**d, "width": size, "height": size}
+
+
+def _check_defaults(d, where) -> dict:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    def count(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not isinstance(d, dict):
+        raise WeightsError(f"{where}: `defaults` must be an object")
+    checks = {"steps": lambda v: count(v, 1), "guidance": lambda v: v is None or number(v),
+              "max_sequence_length": lambda v: count(v, 0), "width": lambda v: count(v, 1),
+              "height": lambda v: count(v, 1)}
+    missing = [k for k in checks if k not in d]
+    if missing:
+        raise WeightsError(f"{where}: `defaults` lacks {', '.join(missing)}")
+    bad = [f"{k} {d[k]!r}" for k, ok in checks.items() if not ok(d[k])]
+    if bad:
+        raise WeightsError(f"{where}: bad value in `defaults`: {', '.join(bad)}")
+    return d
+
+
+def read_info(folder) -> dict:
+    """A model folder's info file, checked: a known format version and a `defaults` entry (filled in for format 1)."""
+    folder = Path(folder)
+    path = folder / INFO_FILE
+    info = read_json(path)
+    version = info.get("format_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise WeightsError(f"{path}: bad format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise WeightsError(f"{path}: format {version} is newer than this mlx_diffusion reads ({FORMAT_VERSION}); "
+                           f"update mlx_diffusion")
+    if "defaults" not in info or version == 1:
+        family, variant = info.get("family"), info.get("variant")
+        if family not in ("flux", "sd3"):
+            raise WeightsError(f"{path}: unknown model family {family!r}")
+        base = released_defaults(family, variant, read_json(folder / "transformer" / "config.json"),
+                                 read_json(folder / "vae" / "config.json"))
+        info["defaults"] = {**base, **(info.get("defaults") or {})}
+    info["defaults"] = _check_defaults(info["defaults"], path)
+    return info
+
+
+def write_info(folder, *, family: str, variant: str, source: str, bits, group_size, dtype: str, defaults: dict,
+               components: dict, **extra):
+    """The info file of a folder being written (the converter's and the trainer's)."""
+    info = {"format_version": FORMAT_VERSION, "converter_version": __version__, "family": family,
+            "variant": variant, "source": source, "bits": bits, "group_size": group_size if bits else None,
+            "dtype": dtype, "defaults": _check_defaults(dict(defaults), INFO_FILE), "components": components, **extra}
+    write_json(Path(folder) / INFO_FILE, info)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# components
+
+
+def to_mlx_layout(name: str, array):
+    """Reference layout -> MLX layout for one tensor (conv kernels OIHW -> OHWI; everything else unchanged)."""
+    if array.ndim == 4 and name.endswith("weight"):
+        return array.transpose(0, 2, 3, 1)
+    return array
+
+
+class ComponentWriter:
+    """One component folder in MLX layout: config.json and model.safetensors, with the quantized layers listed in the
+    file's metadata (QUANT_KEY: layer -> [bits, group size]), which `load_component` reads back. Which tensors are
+    quantized is the caller's policy (`convert.quantize`)."""
+
+    def __init__(self, dst, config: dict, dtype):
+        dst = Path(dst)
+        dst.mkdir(parents=True)
+        write_json(dst / "config.json", config)
+        self.writer = SafetensorsWriter(dst / WEIGHTS_FILE)
+        self.dtype = dtype
+        self.quantized = {}
+
+    def add(self, name: str, a: mx.array):
+        """A tensor as it is, floating-point ones cast to the folder's dtype."""
+        self.writer.add(name, a.astype(self.dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+
+    def add_quantized(self, name: str, wq, scales, biases, bits: int, group_size: int):
+        """A Linear `name` (".weight") in MLX's affine form."""
+        layer = name[: -len(".weight")]
+        self.writer.add(name, wq)
+        self.writer.add(layer + ".scales", scales)
+        self.writer.add(layer + ".biases", biases)
+        self.quantized[layer] = [bits, group_size]
+
+    def close(self):
+        self.writer.metadata[QUANT_KEY] = json.dumps(self.quantized)
+        self.writer.metadata["format"] = "mlx"
+        self.writer.close()
+
+    def abort(self):
+        self.writer.abort()
+
+
+def _quantized_layers(f: SafetensorsFile) -> dict:
+    try:
+        layers = json.loads(f.metadata.get(QUANT_KEY, "{}"))
+        return {k: (int(v[0]), int(v[1])) for k, v in layers.items()}
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        raise WeightsError(f"{f.path}: malformed {QUANT_KEY} metadata") from None
+
+
+def load_component(folder, dtype=None):
+    """The model its config.json declares, with the folder's weights, in eval mode.
+
+    `dtype` casts floating-point weights (None keeps what the folder stores); quantized layers stay quantized.
+    """
+    folder = Path(folder)
+    config = read_json(folder / "config.json")
+    model = kind_of(config, str(folder)).build(config, folder)
+    f = SafetensorsFile(folder / WEIGHTS_FILE)
+    quantize_layers(model, _quantized_layers(f))
+    weights = []
+    for name in f.keys():
+        a = f.get(name)
+        if dtype is not None and mx.issubdtype(a.dtype, mx.floating):
+            a = a.astype(dtype)
+        weights.append((name, a))
+    try:
+        model.load_weights(weights, strict=True)
+    except ValueError as e:
+        raise WeightsError(f"{folder}: weights do not fit the model built from its config.json ({e})") from None
+    mx.eval(model.parameters())
+    return model.eval()
+
+
+def reference_arrays(folder) -> dict[str, np.ndarray]:
+    """A converted component folder's weights back in the reference layout, as float32 numpy arrays: quantized layers
+    dequantized, conv kernels OIHW. With the folder's config.json this is what diffusers / transformers load
+    (`model.load_state_dict({k: torch.from_numpy(v) ...})`); tests and benchmarks run the reference on our weights."""
+    f = SafetensorsFile(Path(folder) / WEIGHTS_FILE)
+    layers = _quantized_layers(f)
+    out = {}
+    for name in f.keys():
+        layer, leaf = name.rsplit(".", 1)
+        if layer in layers and leaf in ("scales", "biases"):
+            continue
+        a = f.get(name)
+        if layer in layers and leaf == "weight":
+            bits, group_size = layers[layer]
+            scales, biases = (f.get(f"{layer}.{k}").astype(mx.float32) for k in ("scales", "biases"))
+            a = mx.dequantize(a, scales, biases, group_size=group_size, bits=bits)  # in float32, as QuantizedLinear
+        a = np.array(a.astype(mx.float32))
+        out[name] = a.transpose(0, 3, 1, 2) if a.ndim == 4 and leaf == "weight" else a
+    return out
+
+
+@contextmanager
+def atomic_folder(out):
+    """Yield a temporary sibling of `out` to write a folder into, then swap it in for `out` (replacing what was
+    there); an error or Ctrl-C on the way removes it and leaves `out` as it was."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,67 @@
+"""Text-to-image pipelines over converted model folders: one skeleton (`base`), FLUX and SD3 where they differ, the
+flow-match Euler sampler both use (`sampler`) and the tokenizers (`tokenizers`). `load_pipeline` is the entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import WeightsError
+from ..io.folder import INFO_FILE, WEIGHTS_FILE, read_info, read_json
+from ..io.safetensors import SafetensorsFile
+from ..models import kind_of
+from .base import Pipeline, Settings, Stats
+from .flux import FluxPipeline
+from .sampler import FlowMatchEulerScheduler, SchedulerConfig
+from .sd3 import SD3Pipeline
+
+FAMILIES = {"flux": FluxPipeline, "sd3": SD3Pipeline}
+BUILTIN_MODEL = Path(__file__).parent.parent / "assets" / "models" / "tiny"
+
+
+def read_scheduler_config(folder) -> SchedulerConfig:
+    """A model folder's `scheduler/scheduler_config.json`, checked: missing, malformed or asking for what the sampler
+    does not implement is a one-line WeightsError (SD3 without its shift would draw wrong images, silently)."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    config = read_json(path)
+    if config.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
+        raise WeightsError(f"{path}: unsupported scheduler {config['_class_name']!r} (FlowMatchEulerDiscreteScheduler)")
+    try:
+        return SchedulerConfig.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+
+def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_text_encoders=False,
+                  max_sequence_length=None) -> Pipeline:
+    """Open a converted model folder; without a path, the built-in model (it works offline, nothing to download).
+
+    dtype: the weights' compute dtype (default float32 on a CPU, as stored on a GPU); progress: a progress bar over
+    the denoising steps; use_t5=False: SD3 without T5 (zeros in its place, as diffusers); keep_text_encoders: keep
+    them in memory between calls (they are released before denoising otherwise); max_sequence_length: T5's token
+    count instead of the model's default. Everything a generation will read is checked here: the info file, the
+    scheduler config, every component's config and weight-file header.
+    """
+    path = BUILTIN_MODEL if path is None else Path(path)
+    if not path.is_dir():
+        raise WeightsError(f"model folder {path} " + ("is a file, not a folder" if path.exists() else "does not exist"))
+    if not (path / INFO_FILE).is_file():
+        hint = " (a diffusers folder: convert it first with `python -m mlx_diffusion convert`)" \
+            if (path / "model_index.json").exists() else ""
+        raise WeightsError(f"{path} is not an mlx_diffusion model folder: no {INFO_FILE}{hint}")
+    family = read_json(path / INFO_FILE).get("family")
+    if family not in FAMILIES:
+        raise WeightsError(f"{path / INFO_FILE}: unknown model family {family!r}")
+    for c in ("transformer", "vae", "scheduler"):
+        if not (path / c).is_dir():
+            raise WeightsError(f"{path}: component folder {c}/ is missing")
+    info = read_info(path)
+    scheduler = read_scheduler_config(path)
+    for c in info.get("components", {}):  # fail now, not after minutes of work: headers, sizes and configs
+        kind_of(read_json(path / c / "config.json"), str(path / c))
+        SafetensorsFile(path / c / WEIGHTS_FILE)
+    return FAMILIES[family](path, info, scheduler, dtype=dtype, progress=progress, use_t5=use_t5,
+                            keep_text_encoders=keep_text_encoders, max_sequence_length=max_sequence_length)
+
+
+__all__ = ["BUILTIN_MODEL", "FAMILIES", "FlowMatchEulerScheduler", "FluxPipeline", "Pipeline", "SD3Pipeline",
+           "Settings", "Stats", "load_pipeline", "read_scheduler_config"]

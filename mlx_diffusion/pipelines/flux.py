@@ -1,0 +1,119 @@
+"""FLUX.1 schnell and dev as diffusers' FluxPipeline: CLIP-L's pooled output and T5's sequence, 2x2-packed latents
+with RoPE position ids, FLUX.1-dev's embedded guidance, and true classifier-free guidance with a negative prompt."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+import mlx.core as mx
+
+from ..errors import InputError
+from .base import Pipeline
+from .sampler import FlowMatchEulerScheduler
+from .tokenizers import CLIPTokenizer, T5Tokenizer
+
+
+class FluxPipeline(Pipeline):
+    """FLUX.1 schnell/dev as diffusers' FluxPipeline: CLIP pooled + T5 sequence, 2x2-packed latents, RoPE ids."""
+
+    family = "flux"
+
+    def __init__(self, *args, use_t5=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not use_t5:
+            raise InputError("FLUX cannot run without T5 (use_t5=False / --no-t5 is for SD3)")
+        self.is_dev = bool(self.transformer_config.get("guidance_embeds"))
+        self.clip_tokenizer = CLIPTokenizer.from_folder(self.path / "tokenizer")
+        self.t5_tokenizer = T5Tokenizer.from_folder(self.path / "tokenizer_2")
+
+    def _encode_one(self, prompt):
+        clip = self.model("text_encoder")
+        ids = mx.array(self.clip_tokenizer([prompt], max_length=self.clip_tokenizer.model_max_length))
+        pooled = clip(ids).pooler_output
+        t5 = self.model("text_encoder_2")
+        seq = t5(mx.array(self.t5_tokenizer([prompt], max_length=self.max_sequence_length)))
+        mx.eval(pooled, seq)
+        return seq.astype(self.compute_dtype), pooled.astype(self.compute_dtype)
+
+    def encode(self, prompt, negative_prompt, guidance, true_cfg_scale: float = 1.0):
+        cond = {"pos": self._encode_one(prompt), "true_cfg_scale": true_cfg_scale}
+        if negative_prompt is not None and true_cfg_scale <= 1:
+            warnings.warn("FLUX ignores the negative prompt unless true_cfg_scale (--true-cfg) is above 1", stacklevel=3)
+        if true_cfg_scale > 1 and negative_prompt is not None:  # diffusers: true CFG only with a negative prompt
+            cond["neg"] = self._encode_one(negative_prompt)
+            self.last_settings.true_cfg_scale = true_cfg_scale
+        if not self.keep_text_encoders:
+            self.release("text_encoder", "text_encoder_2")
+        return cond
+
+    def prepare(self, noise, steps):
+        _, _, h, w = noise.shape
+        x = pack_latents(noise)
+        self._img_ids, self._txt_ids = prepare_ids(h // 2, w // 2, self.max_sequence_length)
+        scheduler = FlowMatchEulerScheduler(self.scheduler_config)
+        scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=scheduler.mu(x.shape[1]))
+        return x, scheduler
+
+    def predict(self, x, t, cond, guidance):
+        dt = self.compute_dtype
+        timestep = mx.array([t], dtype=dt) / 1000
+        g = mx.array([guidance], dtype=mx.float32) if self.is_dev else None
+
+        ids = dict(img_ids=self._img_ids, txt_ids=self._txt_ids)
+        forward = self.forward("transformer", key=(self._img_ids.shape, self._txt_ids.shape), bind=ids)
+
+        def run(seq, pooled):
+            return forward(x, seq, pooled, timestep, guidance=g)
+
+        v = run(*cond["pos"])
+        if "neg" in cond:
+            neg = run(*cond["neg"])
+            v = neg + cond["true_cfg_scale"] * (v - neg)
+        return v
+
+    def to_vae_latents(self, x, height, width):
+        return unpack_latents(x, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FluxPipeline's latent layout. These work on numpy and MLX arrays alike (reshape/transpose only).
+
+
+def pack_latents(z, channels_last: bool = False):
+    """FluxPipeline._pack_latents: (B, C, H, W) latents -> (B, (H/2) * (W/2), C * 4) tokens of 2x2 patches.
+
+    Token features are ordered (c, dy, dx). channels_last=True takes (B, H, W, C) (MLX's VAE layout) instead.
+    """
+    if channels_last:
+        B, H, W, C = z.shape
+        return z.reshape(B, H // 2, 2, W // 2, 2, C).transpose(0, 1, 3, 5, 2, 4).reshape(B, H * W // 4, C * 4)
+    B, C, H, W = z.shape
+    return z.reshape(B, C, H // 2, 2, W // 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(B, H * W // 4, C * 4)
+
+
+def unpack_latents(x, latent_height: int, latent_width: int, channels_last: bool = False):
+    """FluxPipeline._unpack_latents: (B, L, C * 4) -> (B, C, h, w), h = latent_height rounded down to even.
+
+    diffusers takes the image size: latent_height = height // vae_scale_factor gives the same result.
+    channels_last=True returns (B, h, w, C).
+    """
+    B, _, C4 = x.shape
+    h, w, C = latent_height // 2, latent_width // 2, C4 // 4
+    x = x.reshape(B, h, w, C, 2, 2)
+    if channels_last:
+        return x.transpose(0, 1, 4, 2, 5, 3).reshape(B, 2 * h, 2 * w, C)
+    return x.transpose(0, 3, 1, 4, 2, 5).reshape(B, C, 2 * h, 2 * w)
+
+
+def prepare_ids(height: int, width: int, text_len: int):
+    """Position ids for a (height x width) grid of packed tokens (latent size / 2) and text_len text tokens.
+
+    Image ids are (0, row, col) in row-major token order (FluxPipeline._prepare_latent_image_ids); text ids are 0.
+    Returns float32 (img_ids (height * width, 3), txt_ids (text_len, 3)).
+    """
+    ids = np.zeros((height, width, 3), dtype=np.float32)
+    ids[..., 1] = np.arange(height)[:, None]
+    ids[..., 2] = np.arange(width)[None, :]
+    return mx.array(ids.reshape(-1, 3)), mx.zeros((text_len, 3), dtype=mx.float32)

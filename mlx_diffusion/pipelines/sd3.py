@@ -1,0 +1,97 @@
+"""Stable Diffusion 3 and 3.5 as diffusers' StableDiffusion3Pipeline: CLIP-L + CLIP-G (+ T5) prompt embeddings,
+classifier-free guidance with a negative prompt, raw scheduler timesteps."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .base import Pipeline
+from .sampler import FlowMatchEulerScheduler
+from .tokenizers import CLIPTokenizer, T5Tokenizer
+
+
+def prompt_embeds(clips, clip_ids, t5=None, t5_ids=None, *, t5_length: int, width: int):
+    """SD3's prompt embeddings (StableDiffusion3Pipeline.encode_prompt for one side of the guidance).
+
+    clips: the CLIP-L and CLIP-G encoders (with projection), clip_ids their (B, 77) token ids; t5 and its ids, or None
+    for zeros of (B, t5_length, width) in T5's place, as diffusers uses when `text_encoder_3` is None. The sequence is
+    both CLIPs' penultimate hidden states side by side, zero-padded to T5's width, then T5's tokens: (B, 77 + T, width);
+    pooled is both projected pooled outputs side by side. Pure MLX ops: the built-in model's training backpropagates
+    through it.
+    """
+    outs = [clip(ids, output_hidden_states=True) for clip, ids in zip(clips, clip_ids)]
+    clip_seq = mx.concatenate([o.hidden_states[-2] for o in outs], axis=-1)
+    if t5 is None:
+        t5_seq = mx.zeros((clip_seq.shape[0], t5_length, width), dtype=clip_seq.dtype)
+    else:
+        t5_seq = t5(t5_ids)
+    clip_seq = mx.pad(clip_seq, [(0, 0), (0, 0), (0, t5_seq.shape[-1] - clip_seq.shape[-1])])
+    seq = mx.concatenate([clip_seq, t5_seq.astype(clip_seq.dtype)], axis=1)
+    return seq, mx.concatenate([o.text_embeds for o in outs], axis=-1)
+
+
+class SD3Pipeline(Pipeline):
+    """Stable Diffusion 3 as diffusers' StableDiffusion3Pipeline: CLIP-L + CLIP-G (+ T5), true CFG, raw timesteps.
+
+    Without T5 (no `text_encoder_3/` in the folder, or `use_t5=False`) T5 is never loaded and its sequence is zeros,
+    exactly as diffusers does when `text_encoder_3` is None.
+    """
+
+    family = "sd3"
+
+    def __init__(self, *args, use_t5=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_t5 = bool(use_t5) and self.has("text_encoder_3")
+        self.tokenizers = [CLIPTokenizer.from_folder(self.path / "tokenizer"),
+                           CLIPTokenizer.from_folder(self.path / "tokenizer_2")]
+        if self.use_t5:
+            self.tokenizers.append(T5Tokenizer.from_folder(self.path / "tokenizer_3"))
+        self.joint_attention_dim = int(self.transformer_config.get("joint_attention_dim", 4096))
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer_config.get("patch_size", 2))
+
+    @property
+    def max_size(self) -> int:  # the learned position table covers pos_embed_max_size patches per side
+        return int(self.transformer_config.get("pos_embed_max_size") or 10**6) * self.size_multiple
+
+    def _encode_one(self, prompt):
+        clips = (self.model("text_encoder"), self.model("text_encoder_2"))
+        length = self.tokenizers[0].model_max_length
+        clip_ids = [mx.array(tok([prompt], max_length=length)) for tok in self.tokenizers[:2]]
+        t5 = self.model("text_encoder_3") if self.use_t5 else None
+        t5_ids = mx.array(self.tokenizers[2]([prompt], max_length=self.max_sequence_length)) if t5 else None
+        seq, pooled = prompt_embeds(clips, clip_ids, t5, t5_ids, t5_length=self.max_sequence_length,
+                                    width=self.joint_attention_dim)
+        mx.eval(seq, pooled)
+        return seq.astype(self.compute_dtype), pooled.astype(self.compute_dtype)
+
+    def encode(self, prompt, negative_prompt, guidance):
+        seq, pooled = self._encode_one(prompt)
+        if guidance is not None and guidance > 1:  # diffusers: CFG with "" as the default negative prompt
+            neg_seq, neg_pooled = self._encode_one(negative_prompt or "")
+            seq, pooled = mx.concatenate([neg_seq, seq]), mx.concatenate([neg_pooled, pooled])
+        if not self.keep_text_encoders:
+            self.release("text_encoder", "text_encoder_2", "text_encoder_3")
+        return seq, pooled
+
+    def prepare(self, noise, steps):
+        scheduler = FlowMatchEulerScheduler(self.scheduler_config)
+        tokens = (noise.shape[2] // self.patch_size) * (noise.shape[3] // self.patch_size)
+        scheduler.set_timesteps(steps, mu=scheduler.mu(tokens))  # dynamic shifting: SD3.5-style configs
+        return noise, scheduler
+
+    def predict(self, x, t, cond, guidance):
+        seq, pooled = cond
+        cfg = seq.shape[0] == 2
+        xin = mx.concatenate([x, x]) if cfg else x
+        timestep = mx.full((xin.shape[0],), t, dtype=self.compute_dtype)
+        v = self.forward("transformer")(xin, seq, pooled, timestep)
+        if cfg:
+            uncond, text = v[0:1], v[1:2]
+            v = uncond + guidance * (text - uncond)
+        return v
+
+    def to_vae_latents(self, x, height, width):
+        return x
