@@ -102,7 +102,7 @@ def main():
     ours = load_pipeline(args.model, progress=False, keep_text_encoders=True)
     ref = reference_pipeline(ours.path, ours.family)
     ref.set_progress_bar_config(disable=True)
-    size = args.size or ours.default_size
+    size = args.size or ours.default_width
     steps = args.steps or ours.default_steps
     guidance = ours.default_guidance if args.guidance is None else args.guidance
     f = ours.vae_scale_factor
