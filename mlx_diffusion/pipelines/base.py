@@ -1,4 +1,4 @@
-"""Text-to-image pipelines over converted MLX model folders: one skeleton, FLUX and SD3 where they differ.
+"""The pipeline skeleton FLUX and SD3 share (they differ in `flux.py` and `sd3.py`).
 
 `generate` runs three stages, each loading only what it needs: the text encoders are evaluated and released before
 denoising (T5-XXL alone is ~9.5 GB at bf16), then the transformer denoises with the shared flow-match Euler
@@ -86,12 +86,10 @@ class Pipeline:
         self._models = {}
         self._forwards = {}
         self.last_stats = Stats()
-        self.defaults = dict(info["defaults"])
-        self.default_steps = self.defaults["steps"]
-        self.default_guidance = self.defaults["guidance"]
-        self.default_width, self.default_height = self.defaults["width"], self.defaults["height"]
-        self.max_sequence_length = self.defaults["max_sequence_length"] if max_sequence_length is None \
-            else max_sequence_length
+        d = info["defaults"]
+        self.default_steps, self.default_guidance = d["steps"], d["guidance"]
+        self.default_width, self.default_height = d["width"], d["height"]
+        self.max_sequence_length = d["max_sequence_length"] if max_sequence_length is None else max_sequence_length
 
     # -- loading ------------------------------------------------------------------------------------------------
     def model(self, component: str):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,12 +93,23 @@ def test_bad_model_folders(flux_schnell, tmp_path):
     assert_clean_error(generate("--model", broken, "--prompt", "x", "--output", out), "not valid JSON")
     (broken / "mlx_diffusion.json").write_text(json.dumps({"family": "flux"}))
     assert_clean_error(generate("--model", broken, "--prompt", "x", "--output", out), "missing")
+    no_scheduler = tmp_path / "no_scheduler"
+    shutil.copytree(flux_schnell[2], no_scheduler)
+    (no_scheduler / "scheduler" / "scheduler_config.json").unlink()
+    assert_clean_error(generate("--model", no_scheduler, "--prompt", "x", "--output", out),
+                       "scheduler_config.json is missing")
     assert not out.exists()
 
 
-def test_truncated_weights_give_clean_error(flux_schnell, tmp_path):
-    import shutil
+@pytest.mark.parametrize("module", ["mlx_diffusion", "mlx_diffusion.generate", "mlx_diffusion.train",
+                                    "mlx_diffusion.evaluate", "mlx_diffusion.tiny.train", "mlx_diffusion.tiny.evaluate"])
+def test_documented_command_lines_run(module):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "Usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr
 
+
+def test_truncated_weights_give_clean_error(flux_schnell, tmp_path):
     m = tmp_path / "m"
     shutil.copytree(flux_schnell[2], m)
     w = m / "transformer" / "model.safetensors"
