@@ -1,14 +1,5 @@
-"""Checkpoint conversion: a diffusers folder or single checkpoint files -> an MLX model folder that `load_pipeline`
-reads without PyTorch.
-
-Output layout (one subfolder per component, as diffusers):
-    OUT/mlx_diffusion.json      what this is: family, variant, converter version, source, per-component bits/dtype
-    OUT/model_index.json        carried over
-    OUT/<component>/config.json carried over (the reference config our config classes read)
-    OUT/<component>/model.safetensors
-                                our parameter names, MLX layout; quantized Linear weights as `<layer>.weight`
-                                (packed uint32) + `.scales` + `.biases`, listed in the file's metadata
-    OUT/tokenizer*/, OUT/scheduler/  carried over
+"""Checkpoint conversion: a diffusers folder or single checkpoint files -> an MLX model folder (the format of
+`io.folder`) that `load_pipeline` reads without PyTorch.
 
 Tensors are streamed one at a time, and the folder is written under a temporary sibling name and renamed at the end,
 so an error or Ctrl-C leaves nothing behind. Every component is planned and checked against its model before the
@@ -26,7 +17,7 @@ names, or SAI's combined file (the same file may be given for several components
 
 Without a folder (`source` a single file, or None with `transformer=FILE`), the family comes from the transformer's
 original tensor names, the components a combined file holds (SAI's `sd3_medium_incl_clips_t5xxlfp16.safetensors`)
-are taken from it unless given separately, every config is derived from the tensor shapes (`names.*_config`), and
+are taken from it unless given separately, every config is derived from the tensor shapes (`configs`), and
 the tokenizers, scheduler config and model_index.json are the released repositories', shipped in `assets/`.
 
 Every output folder gets the released model's generation defaults in its info file (`io.folder.released_defaults`)

@@ -47,6 +47,7 @@ from ..backends import cpu
 from ..convert.converter import released_index
 from ..convert.quantize import Policy
 from ..io.folder import ComponentWriter, atomic_folder, load_component, read_json, write_info, write_json
+from ..models import class_name
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.layers import float_parameters
 from ..models.sd3 import SD3Config, SD3Transformer2DModel
@@ -58,7 +59,7 @@ from . import synthetic
 ASSETS = Path(__file__).parent.parent / "assets"
 FULL_CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
 POOL = 32768  # scenes encoded once for stage 2 (--pool)
-# the generation defaults written into the folder: 20 steps, SD3's guidance, no T5 tokens; the size is set by --image-size
+# the generation defaults written into the folder (with --image-size): 20 steps, SD3's guidance, no T5 tokens
 DEFAULTS = {"steps": 20, "guidance": 7.0, "max_sequence_length": 0}
 
 
@@ -202,7 +203,7 @@ def save_model(out: Path, models: dict, configs: dict, tokenizer_dir: Path, info
     converter's writer and quantization policy, the released SD3 model index without T5, our scheduler config."""
     with atomic_folder(out) as tmp:
         for c, model in models.items():
-            policy = Policy.for_class(model_class(configs[c]), bits)
+            policy = Policy.for_class(class_name(configs[c]), bits)
             writer = ComponentWriter(tmp / c, configs[c], getattr(mx, dtype))
             try:
                 for name, a in tree_flatten(model.parameters()):
@@ -217,10 +218,6 @@ def save_model(out: Path, models: dict, configs: dict, tokenizer_dir: Path, info
         write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER)
         write_json(tmp / "model_index.json", released_index("sd3", with_t5=False))
         write_info(tmp, bits=bits, dtype=dtype, **info)
-
-
-def model_class(config: dict) -> str:
-    return config.get("_class_name") or config["architectures"][0]
 
 
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
@@ -435,7 +432,7 @@ def train(opts: dict, out: Path, command: str, progress=True, log=print):
             info = {
                 "family": "sd3", "variant": "tiny", "source": "mlx_diffusion.train", "group_size": 64,
                 "defaults": {**DEFAULTS, "width": size, "height": size},
-                "components": {c: {"class": model_class(configs[c])} for c in configs},
+                "components": {c: {"class": class_name(configs[c])} for c in configs},
                 "training": {"command": command, "options": opts, "step": step, "parameters": n_params,
                              "vae_mse": round(float(np.mean(vae_history[-100:])), 5) if vae_history else None,
                              **({"init": {"folder": str(opts["init"]), "training": init}} if init else {}),
