@@ -1,6 +1,6 @@
 """mlx_diffusion: Stable Diffusion 3 Medium and FLUX.1 text-to-image in MLX.
 
-The public API is `load_pipeline` (see `pipelines`). Importing the package first interposes a fast BLAS under
+The public API is `load_pipeline` and `GenerationSettings` (see `pipelines`). Importing the package first interposes a fast BLAS under
 mlx-cpu on Linux and tunes malloc for large buffers (`backends/blas.py`); import it before `mlx.core`.
 """
 
@@ -20,4 +20,12 @@ def load_pipeline(path=None, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["load_pipeline", "__version__"]
+def __getattr__(name):
+    if name == "GenerationSettings":  # imported when used: `import mlx_diffusion` stays light
+        from .pipelines.settings import GenerationSettings
+
+        return GenerationSettings
+    raise AttributeError(f"module 'mlx_diffusion' has no attribute {name!r}")
+
+
+__all__ = ["GenerationSettings", "load_pipeline", "__version__"]

@@ -36,24 +36,6 @@ def _check_output(path: Path):
         raise click.BadParameter(f"cannot write in {folder} ({e.strerror})", param_hint="--output") from None
 
 
-def save_png(image, path: Path, settings: dict):
-    """Write atomically: a temporary sibling, then rename."""
-    from PIL.PngImagePlugin import PngInfo
-
-    meta = PngInfo()
-    for k, v in settings.items():
-        meta.add_itxt(k, v)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", default=None, type=click.Path(path_type=Path),
               help="A converted model folder: what `convert -o` wrote (convert's --model names a model to download "
@@ -74,8 +56,9 @@ def save_png(image, path: Path, settings: dict):
 def main(model_path, prompt, negative_prompt, steps, guidance, true_cfg_scale, width, height, seed, output, no_t5,
          quiet):
     """Generate an image from a text prompt."""
-    from ..errors import Error, InputError
-    from ..pipelines import load_pipeline
+    from ..errors import Error
+    from ..io.images import write_png
+    from ..pipelines import GenerationSettings, load_pipeline
 
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
@@ -83,22 +66,18 @@ def main(model_path, prompt, negative_prompt, steps, guidance, true_cfg_scale, w
         raise click.BadParameter("must be between 0 and 2**64 - 1", param_hint="--seed")
     output = output or Path(f"image-{seed}.png")
     _check_output(output)
-    options = {}
-    if true_cfg_scale is not None:
-        options["true_cfg_scale"] = true_cfg_scale
+    settings = GenerationSettings(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                  true_cfg_scale=true_cfg_scale, width=width, height=height, seed=seed,
+                                  use_t5=False if no_t5 else None)
     say = (lambda *a: None) if quiet else (lambda msg: click.echo(msg, err=True))
     warnings.showwarning = lambda message, *a, **k: click.echo(f"warning: {message}", err=True)
     try:
         t0 = time.perf_counter()
         pipe = load_pipeline(model_path, progress=not quiet, use_t5=not no_t5)
-        if true_cfg_scale is not None and pipe.family != "flux":
-            raise InputError("--true-cfg is for FLUX; SD3 always uses classifier-free guidance (--guidance)")
-        image = pipe.generate(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, width=width,
-                              height=height, seed=seed, **options)
+        image = pipe.generate(settings)
     except Error as e:
         raise click.ClickException(one_line(e)) from None
-    settings = pipe.last_settings.as_text()
-    save_png(image, output, settings)
+    write_png(image, output, pipe.last_settings.to_metadata())
     st = pipe.last_stats
     times = ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in st.seconds.items())
     say(f"{times}; total {time.perf_counter() - t0:.2f} s")

@@ -9,10 +9,11 @@ from ..errors import WeightsError
 from ..io.folder import INFO_FILE, WEIGHTS_FILE, read_info, read_json
 from ..io.safetensors import SafetensorsFile
 from ..models import kind_of
-from .base import Pipeline, Settings, Stats
+from .base import Pipeline, Stats
 from .flux import FluxPipeline
 from .sampler import FlowMatchEulerScheduler, SchedulerConfig
 from .sd3 import SD3Pipeline
+from .settings import GenerationSettings
 
 FAMILIES = {"flux": FluxPipeline, "sd3": SD3Pipeline}
 BUILTIN_MODEL = Path(__file__).parent.parent / "assets" / "models" / "tiny"
@@ -63,5 +64,5 @@ def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_tex
                             keep_text_encoders=keep_text_encoders, max_sequence_length=max_sequence_length)
 
 
-__all__ = ["BUILTIN_MODEL", "FAMILIES", "FlowMatchEulerScheduler", "FluxPipeline", "Pipeline", "SD3Pipeline",
-           "Settings", "Stats", "load_pipeline", "read_scheduler_config"]
+__all__ = ["BUILTIN_MODEL", "FAMILIES", "FlowMatchEulerScheduler", "FluxPipeline", "GenerationSettings", "Pipeline",
+           "SD3Pipeline", "Stats", "load_pipeline", "read_scheduler_config"]

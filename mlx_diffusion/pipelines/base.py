@@ -24,24 +24,7 @@ from ..backends import cpu
 from ..errors import InputError
 from ..io.folder import load_component, read_json
 from .sampler import SchedulerConfig
-
-
-@dataclass
-class Settings:
-    """What produced an image: enough to reproduce it, and what the PNG's text chunks hold."""
-
-    prompt: str
-    negative_prompt: str | None
-    seed: int | None
-    steps: int
-    guidance: float | None
-    width: int
-    height: int
-    model: str
-    true_cfg_scale: float | None = None
-
-    def as_text(self) -> dict:
-        return {k: "" if v is None else str(v) for k, v in self.__dict__.items()}
+from .settings import GenerationSettings
 
 
 @dataclass
@@ -72,6 +55,8 @@ class Pipeline:
     """
 
     family = ""
+
+    use_t5 = True  # whether generations use T5 unless their settings say otherwise (SD3 may run without)
 
     def __init__(self, path: Path, info: dict, scheduler_config: SchedulerConfig, dtype=None,
                  keep_text_encoders=False, progress=True, max_sequence_length=None):
@@ -127,64 +112,68 @@ class Pipeline:
     def size_multiple(self) -> int:
         return self.vae_scale_factor * self.patch_size
 
-    def _check(self, prompt, steps, width, height, latents):
-        if not isinstance(prompt, str):
-            raise InputError("prompt must be a string")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise InputError(f"steps must be a positive integer, got {steps!r}")
+    def resolve(self, settings: GenerationSettings, latents=None) -> GenerationSettings:
+        """`settings` with this model's defaults filled in and checked against the model (InputError): what a
+        generation with them uses and what its image records. Without `latents` and a seed, a random seed."""
+        s = settings.checked()
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        s = s.replace(steps=pick(s.steps, self.default_steps), guidance=pick(s.guidance, self.default_guidance),
+                      width=pick(s.width, self.default_width), height=pick(s.height, self.default_height),
+                      max_sequence_length=pick(s.max_sequence_length, self.max_sequence_length),
+                      use_t5=pick(s.use_t5, self.use_t5), model=str(self.path))
+        if latents is not None:
+            s = s.replace(seed=None)
+        elif s.seed is None:
+            s = s.replace(seed=int.from_bytes(os.urandom(4), "little"))
         m = self.size_multiple
-        for name, v in (("width", width), ("height", height)):
+        for name, v in (("width", s.width), ("height", s.height)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % m:
                 raise InputError(f"{name} must be a positive multiple of {m}, got {v!r}")
-        if self.max_size and max(width, height) > self.max_size:
-            raise InputError(f"width and height can be at most {self.max_size} for this model, got {width}x{height}")
-        shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if self.max_size and max(s.width, s.height) > self.max_size:
+            raise InputError(f"width and height can be at most {self.max_size} for this model, got {s.width}x{s.height}")
+        shape = (1, self.latent_channels, s.height // self.vae_scale_factor, s.width // self.vae_scale_factor)
         if latents is not None and tuple(np.shape(latents)) != shape:
-            raise InputError(f"latents must have shape {shape} for {width}x{height}, got {tuple(np.shape(latents))}")
+            raise InputError(f"latents must have shape {shape} for {s.width}x{s.height}, got {tuple(np.shape(latents))}")
+        return self.resolve_family(s)
+
+    def resolve_family(self, s: GenerationSettings) -> GenerationSettings:
+        """The family's own checks and settings (a hook)."""
+        return s
 
     @property
     def latent_channels(self) -> int:
         return int(self.vae_config.get("latent_channels", 16))
 
     # -- the run ---------------------------------------------------------------------------------------------------
-    def generate(self, prompt: str, *, negative_prompt: str | None = None, steps: int | None = None,
-                 guidance: float | None = None, width: int | None = None, height: int | None = None,
-                 seed: int | None = None, latents=None, output_type: str = "pil", **options):
-        """Generate one image. `latents`: optional initial noise (1, C, height/8, width/8) in diffusers' layout.
+    def generate(self, prompt, *, latents=None, **settings):
+        """Generate one image from a prompt (or a GenerationSettings) and any settings by name (GenerationSettings'
+        fields: negative_prompt, steps, guidance, width, height, seed, output_type, ...), which replace the object's.
 
+        `latents`: optional initial noise (1, C, height/8, width/8) in diffusers' layout, instead of the seed's.
         output_type "pil" returns a PIL image, "np" float32 (H, W, 3) in [0, 1] like diffusers' output_type="np".
-        The settings used are in `self.last_settings`, timings and peak memory in `self.last_stats`.
+        The resolved settings are in `self.last_settings`, timings and peak memory in `self.last_stats`.
         """
-        steps = self.default_steps if steps is None else steps
-        guidance = self.default_guidance if guidance is None else guidance
-        width = self.default_width if width is None else width
-        height = self.default_height if height is None else height
-        if output_type not in ("pil", "np"):
-            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        self._check(prompt, steps, width, height, latents)
-        if latents is None and seed is None:
-            seed = int.from_bytes(os.urandom(4), "little")
-        self.last_settings = Settings(prompt, negative_prompt, seed if latents is None else None, steps, guidance,
-                                      width, height, str(self.path))
+        base = prompt if isinstance(prompt, GenerationSettings) else GenerationSettings(prompt=prompt)
+        s = self.last_settings = self.resolve(base.replace(**settings), latents)
         stats = self.last_stats = Stats()
         mx.reset_peak_memory()
 
         t0 = time.perf_counter()
-        cond = self.encode(prompt, negative_prompt, guidance, **options)
+        cond = self.encode(s)
         stats.seconds["text_encoding"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if latents is None:
-            shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-            noise = mx.random.normal(shape, key=mx.random.key(seed))
+            shape = (1, self.latent_channels, s.height // self.vae_scale_factor, s.width // self.vae_scale_factor)
+            noise = mx.random.normal(shape, key=mx.random.key(s.seed))
         else:
             noise = mx.array(np.asarray(latents, dtype=np.float32))
-        x, scheduler = self.prepare(noise, steps)
+        x, scheduler = self.prepare(noise, s)
         x = x.astype(self.compute_dtype)
         from tqdm import tqdm
 
-        for i in tqdm(range(steps), desc="denoising", disable=not self.progress, file=sys.stderr, leave=False):
-            v = self.predict(x, float(scheduler.timesteps[i]), cond, guidance)
+        for i in tqdm(range(s.steps), desc="denoising", disable=not self.progress, file=sys.stderr, leave=False):
+            v = self.predict(x, float(scheduler.timesteps[i]), cond, s)
             x = scheduler.step(v, i, x)
             mx.eval(x)
         del cond
@@ -192,12 +181,12 @@ class Pipeline:
         stats.seconds["denoising"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        image = self.decode(self.to_vae_latents(x, height, width))
+        image = self.decode(self.to_vae_latents(x, s))
         stats.seconds["decoding"] = time.perf_counter() - t0
         stats.peak_memory_gb = mx.get_peak_memory() / (1 << 30)
         stats.peak_rss_gb = peak_rss_gb()
         image = np.array(image[0].astype(mx.float32))
-        if output_type == "np":
+        if s.output_type == "np":
             return image
         from PIL import Image
 
@@ -217,17 +206,20 @@ class Pipeline:
         mx.eval(image)
         return image
 
-    # family hooks
-    def encode(self, prompt, negative_prompt, guidance, **options):
+    # family hooks, all given the resolved settings
+    def encode(self, s: GenerationSettings):
+        """The prompt's conditioning (and the negative prompt's, where guidance uses it)."""
         raise NotImplementedError
 
-    def prepare(self, noise, steps):
+    def prepare(self, noise, s: GenerationSettings):
+        """(the transformer's initial input from diffusers-layout noise, the scheduler set for the run)"""
         raise NotImplementedError
 
-    def predict(self, x, t, cond, guidance):
+    def predict(self, x, t, cond, s: GenerationSettings):
+        """The velocity at timestep t, guidance applied."""
         raise NotImplementedError
 
-    def to_vae_latents(self, x, height, width):
+    def to_vae_latents(self, x, s: GenerationSettings):
         raise NotImplementedError
 
 

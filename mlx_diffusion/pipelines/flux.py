@@ -28,38 +28,45 @@ class FluxPipeline(Pipeline):
         self.clip_tokenizer = CLIPTokenizer.from_folder(self.path / "tokenizer")
         self.t5_tokenizer = T5Tokenizer.from_folder(self.path / "tokenizer_2")
 
-    def _encode_one(self, prompt):
+    def resolve_family(self, s):
+        """No run without T5; true CFG (diffusers' true_cfg_scale) only above 1 and with a negative prompt, and
+        recorded only then; otherwise the negative prompt is ignored, with a warning."""
+        if s.use_t5 is False:
+            raise InputError("FLUX cannot run without T5 (use_t5=False / --no-t5 is for SD3)")
+        scale = 1.0 if s.true_cfg_scale is None else s.true_cfg_scale
+        if s.negative_prompt is not None and scale <= 1:
+            warnings.warn("FLUX ignores the negative prompt unless true_cfg_scale (--true-cfg) is above 1", stacklevel=4)
+        return s.replace(true_cfg_scale=scale if scale > 1 and s.negative_prompt is not None else None)
+
+    def _encode_one(self, prompt, t5_length):
         clip = self.model("text_encoder")
         ids = mx.array(self.clip_tokenizer([prompt], max_length=self.clip_tokenizer.model_max_length))
         pooled = clip(ids).pooler_output
         t5 = self.model("text_encoder_2")
-        seq = t5(mx.array(self.t5_tokenizer([prompt], max_length=self.max_sequence_length)))
+        seq = t5(mx.array(self.t5_tokenizer([prompt], max_length=t5_length)))
         mx.eval(pooled, seq)
         return seq.astype(self.compute_dtype), pooled.astype(self.compute_dtype)
 
-    def encode(self, prompt, negative_prompt, guidance, true_cfg_scale: float = 1.0):
-        cond = {"pos": self._encode_one(prompt), "true_cfg_scale": true_cfg_scale}
-        if negative_prompt is not None and true_cfg_scale <= 1:
-            warnings.warn("FLUX ignores the negative prompt unless true_cfg_scale (--true-cfg) is above 1", stacklevel=3)
-        if true_cfg_scale > 1 and negative_prompt is not None:  # diffusers: true CFG only with a negative prompt
-            cond["neg"] = self._encode_one(negative_prompt)
-            self.last_settings.true_cfg_scale = true_cfg_scale
+    def encode(self, s):
+        cond = {"pos": self._encode_one(s.prompt, s.max_sequence_length)}
+        if s.true_cfg_scale is not None:  # resolved: above 1, with a negative prompt
+            cond["neg"] = self._encode_one(s.negative_prompt, s.max_sequence_length)
         if not self.keep_text_encoders:
             self.release("text_encoder", "text_encoder_2")
         return cond
 
-    def prepare(self, noise, steps):
+    def prepare(self, noise, s):
         _, _, h, w = noise.shape
         x = pack_latents(noise)
-        self._img_ids, self._txt_ids = prepare_ids(h // 2, w // 2, self.max_sequence_length)
+        self._img_ids, self._txt_ids = prepare_ids(h // 2, w // 2, s.max_sequence_length)
         scheduler = FlowMatchEulerScheduler(self.scheduler_config)
-        scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=scheduler.mu(x.shape[1]))
+        scheduler.set_timesteps(s.steps, sigmas=np.linspace(1.0, 1 / s.steps, s.steps), mu=scheduler.mu(x.shape[1]))
         return x, scheduler
 
-    def predict(self, x, t, cond, guidance):
+    def predict(self, x, t, cond, s):
         dt = self.compute_dtype
         timestep = mx.array([t], dtype=dt) / 1000
-        g = mx.array([guidance], dtype=mx.float32) if self.is_dev else None
+        g = mx.array([s.guidance], dtype=mx.float32) if self.is_dev else None
 
         ids = dict(img_ids=self._img_ids, txt_ids=self._txt_ids)
         forward = self.forward("transformer", key=(self._img_ids.shape, self._txt_ids.shape), bind=ids)
@@ -70,11 +77,11 @@ class FluxPipeline(Pipeline):
         v = run(*cond["pos"])
         if "neg" in cond:
             neg = run(*cond["neg"])
-            v = neg + cond["true_cfg_scale"] * (v - neg)
+            v = neg + s.true_cfg_scale * (v - neg)
         return v
 
-    def to_vae_latents(self, x, height, width):
-        return unpack_latents(x, height // self.vae_scale_factor, width // self.vae_scale_factor)
+    def to_vae_latents(self, x, s):
+        return unpack_latents(x, s.height // self.vae_scale_factor, s.width // self.vae_scale_factor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

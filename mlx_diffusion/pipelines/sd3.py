@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..errors import InputError
 from .base import Pipeline
 from .sampler import FlowMatchEulerScheduler
 from .tokenizers import CLIPTokenizer, T5Tokenizer
@@ -44,8 +45,7 @@ class SD3Pipeline(Pipeline):
         self.use_t5 = bool(use_t5) and self.has("text_encoder_3")
         self.tokenizers = [CLIPTokenizer.from_folder(self.path / "tokenizer"),
                            CLIPTokenizer.from_folder(self.path / "tokenizer_2")]
-        if self.use_t5:
-            self.tokenizers.append(T5Tokenizer.from_folder(self.path / "tokenizer_3"))
+        self._t5_tokenizer = None
         self.joint_attention_dim = int(self.transformer_config.get("joint_attention_dim", 4096))
 
     @property
@@ -56,33 +56,46 @@ class SD3Pipeline(Pipeline):
     def max_size(self) -> int:  # the learned position table covers pos_embed_max_size patches per side
         return int(self.transformer_config.get("pos_embed_max_size") or 10**6) * self.size_multiple
 
-    def _encode_one(self, prompt):
+    def resolve_family(self, s):
+        if s.true_cfg_scale is not None:
+            raise InputError("true_cfg_scale (--true-cfg) is for FLUX; SD3 always uses classifier-free guidance "
+                             "(guidance)")
+        if s.use_t5 and not self.has("text_encoder_3"):
+            raise InputError(f"{self.path} has no T5 (text_encoder_3/): it runs without T5 only")
+        return s
+
+    def _t5(self, prompt, length):
+        """T5 and its token ids; the tokenizer is read the first time T5 is used."""
+        if self._t5_tokenizer is None:
+            self._t5_tokenizer = T5Tokenizer.from_folder(self.path / "tokenizer_3")
+        return self.model("text_encoder_3"), mx.array(self._t5_tokenizer([prompt], max_length=length))
+
+    def _encode_one(self, prompt, s):
         clips = (self.model("text_encoder"), self.model("text_encoder_2"))
         length = self.tokenizers[0].model_max_length
-        clip_ids = [mx.array(tok([prompt], max_length=length)) for tok in self.tokenizers[:2]]
-        t5 = self.model("text_encoder_3") if self.use_t5 else None
-        t5_ids = mx.array(self.tokenizers[2]([prompt], max_length=self.max_sequence_length)) if t5 else None
-        seq, pooled = prompt_embeds(clips, clip_ids, t5, t5_ids, t5_length=self.max_sequence_length,
+        clip_ids = [mx.array(tok([prompt], max_length=length)) for tok in self.tokenizers]
+        t5, t5_ids = self._t5(prompt, s.max_sequence_length) if s.use_t5 else (None, None)
+        seq, pooled = prompt_embeds(clips, clip_ids, t5, t5_ids, t5_length=s.max_sequence_length,
                                     width=self.joint_attention_dim)
         mx.eval(seq, pooled)
         return seq.astype(self.compute_dtype), pooled.astype(self.compute_dtype)
 
-    def encode(self, prompt, negative_prompt, guidance):
-        seq, pooled = self._encode_one(prompt)
-        if guidance is not None and guidance > 1:  # diffusers: CFG with "" as the default negative prompt
-            neg_seq, neg_pooled = self._encode_one(negative_prompt or "")
+    def encode(self, s):
+        seq, pooled = self._encode_one(s.prompt, s)
+        if s.guidance is not None and s.guidance > 1:  # diffusers: CFG with "" as the default negative prompt
+            neg_seq, neg_pooled = self._encode_one(s.negative_prompt or "", s)
             seq, pooled = mx.concatenate([neg_seq, seq]), mx.concatenate([neg_pooled, pooled])
         if not self.keep_text_encoders:
             self.release("text_encoder", "text_encoder_2", "text_encoder_3")
         return seq, pooled
 
-    def prepare(self, noise, steps):
+    def prepare(self, noise, s):
         scheduler = FlowMatchEulerScheduler(self.scheduler_config)
         tokens = (noise.shape[2] // self.patch_size) * (noise.shape[3] // self.patch_size)
-        scheduler.set_timesteps(steps, mu=scheduler.mu(tokens))  # dynamic shifting: SD3.5-style configs
+        scheduler.set_timesteps(s.steps, mu=scheduler.mu(tokens))  # dynamic shifting: SD3.5-style configs
         return noise, scheduler
 
-    def predict(self, x, t, cond, guidance):
+    def predict(self, x, t, cond, s):
         seq, pooled = cond
         cfg = seq.shape[0] == 2
         xin = mx.concatenate([x, x]) if cfg else x
@@ -90,8 +103,8 @@ class SD3Pipeline(Pipeline):
         v = self.forward("transformer")(xin, seq, pooled, timestep)
         if cfg:
             uncond, text = v[0:1], v[1:2]
-            v = uncond + guidance * (text - uncond)
+            v = uncond + s.guidance * (text - uncond)
         return v
 
-    def to_vae_latents(self, x, height, width):
+    def to_vae_latents(self, x, s):
         return x

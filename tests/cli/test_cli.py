@@ -144,7 +144,7 @@ def test_sd3_cli_without_t5(sd3, tmp_path):
     meta = Image.open(out).text
     assert meta["guidance"] == "7.0" and meta["negative_prompt"] == "fog" and meta["steps"] == "2"
     assert_clean_error(generate("--model", sd3[2], "--prompt", "x", "--true-cfg", 2, "--output", tmp_path / "a.png"),
-                       "--true-cfg is for FLUX")
+                       "--true-cfg) is for FLUX")
 
 
 def test_flux_cli_refuses_no_t5(flux_schnell, tmp_path):

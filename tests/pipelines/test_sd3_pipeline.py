@@ -5,7 +5,7 @@ import pytest
 
 import helpers  # noqa: F401
 from helpers import IMAGE_MAX, IMAGE_MEAN
-from mlx_diffusion import load_pipeline
+from mlx_diffusion import GenerationSettings, load_pipeline
 
 H, W = 64, 96  # latents 8x12 -> 4x6 patches, cropped from pos_embed_max_size 10
 PROMPT = "a watercolour lighthouse on a cliff, stormy sea"
@@ -111,7 +111,7 @@ def test_prompt_embedding_assembly_matches_diffusers(sd3, use_t5):
         pe, npe, pp, npp = pipe.encode_prompt(prompt, prompt, prompt, negative_prompt="ugly",
                                               do_classifier_free_guidance=True)
     with pytest.warns(UserWarning, match="tokens were dropped"):
-        seq, pooled = ours.encode(prompt, "ugly", 7.0)
+        seq, pooled = ours.encode(ours.resolve(GenerationSettings(prompt=prompt, negative_prompt="ugly", guidance=7.0)))
     assert seq.shape == (2, 77 + 256, 80) and pooled.shape == (2, 72)
     for a, b in ((seq[1], pe[0]), (seq[0], npe[0]), (pooled[1], pp[0]), (pooled[0], npp[0])):
         assert helpers.max_rel_err(a, b) < 1e-5
