@@ -19,7 +19,8 @@ MAY_IMPORT = {
     "io": {"backends", "models"},
     "pipelines": {"backends", "models", "io"},
     "convert": {"backends", "models", "io"},
-    "cli": {"backends", "models", "io", "pipelines", "convert"},
+    "tour": {"backends", "models", "io", "pipelines"},
+    "cli": {"backends", "models", "io", "pipelines", "convert", "tour"},
     "tiny": {"backends", "models", "io", "pipelines", "convert", "cli"},
 }
 
@@ -54,7 +55,7 @@ def test_generation_imports_nothing_of_training_or_conversion(tmp_path):
         "pipe = mlx_diffusion.load_pipeline(progress=False)\n"
         "pipe.generate('a red circle', seed=0, steps=2)\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('mlx_diffusion.tiny', 'mlx_diffusion.convert', "
-        "'mlx_diffusion.cli', 'mlx.optimizers', 'torch', 'diffusers', 'transformers')))\n"
+        "'mlx_diffusion.cli', 'mlx_diffusion.tour', 'mlx.optimizers', 'torch', 'diffusers', 'transformers')))\n"
         "print(','.join(bad))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -127,13 +128,16 @@ def test_entry_points_from_a_non_editable_install(tmp_path):
     bin_ = venv / "bin"
     r = subprocess.run([str(bin_ / "mlx-diffusion"), "--help"], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path, env=env)
-    assert r.returncode == 0 and all(c in r.stdout for c in ("generate", "convert", "train", "evaluate")), r.stderr
+    assert r.returncode == 0 and all(c in r.stdout for c in ("generate", "convert", "compare", "train", "evaluate")), r.stderr
     r = subprocess.run([str(bin_ / "mlx-diffusion-generate"), "--prompt", "a red circle", "--steps", "2", "--seed", "3",
                         "-o", "a.png", "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0 and (tmp_path / "a.png").is_file(), r.stderr
     r = subprocess.run([str(bin_ / "mlx-diffusion"), "convert", str(tmp_path / "nothing"), "-o", "x"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([str(bin_ / "mlx-diffusion-compare"), "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "--seeds" in r.stdout, r.stderr
     r = subprocess.run([str(bin_ / "mlx-diffusion-convert"), "--help"], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path, env=env)
     assert r.returncode == 0 and "generate's --model" in r.stdout, r.stderr

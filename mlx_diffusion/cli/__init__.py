@@ -37,6 +37,7 @@ class _Lazy(click.Group):
     commands_by_name = {
         "generate": ("mlx_diffusion.cli.generate", "Generate images from a text prompt."),
         "convert": ("mlx_diffusion.cli.convert", "Convert a checkpoint into an MLX model folder."),
+        "compare": ("mlx_diffusion.cli.compare", "Render models x prompts x seeds into one labelled grid."),
         "train": ("mlx_diffusion.tiny.train", "Train the built-in model on synthetic scenes."),
         "evaluate": ("mlx_diffusion.tiny.evaluate", "Prompt following of a model trained on synthetic scenes."),
     }
@@ -77,5 +78,12 @@ def generate():
 def convert():
     """The `mlx-diffusion-convert` entry point."""
     from .convert import main as command
+
+    run(command)
+
+
+def compare():
+    """The `mlx-diffusion-compare` entry point."""
+    from .compare import main as command
 
     run(command)

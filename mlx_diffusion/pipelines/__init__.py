@@ -32,17 +32,10 @@ def read_scheduler_config(folder) -> SchedulerConfig:
         raise WeightsError(f"{path}: {e}") from None
 
 
-def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_text_encoders=False,
-                  max_sequence_length=None) -> Pipeline:
-    """Open a converted model folder; without a path, the built-in model (it works offline, nothing to download).
-
-    dtype: the weights' compute dtype (default float32 on a CPU, as stored on a GPU); progress: a progress bar over
-    the denoising steps; use_t5=False: SD3 without T5 (zeros in its place, as diffusers); keep_text_encoders: keep
-    them in memory between calls (they are released before denoising otherwise); max_sequence_length: T5's token
-    count instead of the model's default. Everything a generation will read is checked here: the info file, the
-    scheduler config, every component's config and weight-file header.
-    """
-    path = BUILTIN_MODEL if path is None else Path(path)
+def check_model_folder(path) -> tuple[dict, SchedulerConfig]:
+    """(info, scheduler config) of a model folder, after every check a generation relies on: the info file, the
+    scheduler config, every component's config and weight-file header (one-line WeightsError). Reads no weights."""
+    path = Path(path)
     if not path.is_dir():
         raise WeightsError(f"model folder {path} " + ("is a file, not a folder" if path.exists() else "does not exist"))
     if not (path / INFO_FILE).is_file():
@@ -60,9 +53,24 @@ def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_tex
     for c in info.get("components", {}):  # fail now, not after minutes of work: headers, sizes and configs
         kind_of(read_json(path / c / "config.json"), str(path / c))
         SafetensorsFile(path / c / WEIGHTS_FILE)
-    return FAMILIES[family](path, info, scheduler, dtype=dtype, progress=progress, use_t5=use_t5,
-                            keep_text_encoders=keep_text_encoders, max_sequence_length=max_sequence_length)
+    return info, scheduler
+
+
+def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_text_encoders=False,
+                  max_sequence_length=None) -> Pipeline:
+    """Open a converted model folder; without a path, the built-in model (it works offline, nothing to download).
+
+    dtype: the weights' compute dtype (default float32 on a CPU, as stored on a GPU); progress: a progress bar over
+    the denoising steps; use_t5=False: SD3 without T5 (zeros in its place, as diffusers); keep_text_encoders: keep
+    them in memory between calls (they are released before denoising otherwise); max_sequence_length: T5's token
+    count instead of the model's default. Everything a generation will read is checked here: the info file, the
+    scheduler config, every component's config and weight-file header.
+    """
+    path = BUILTIN_MODEL if path is None else Path(path)
+    info, scheduler = check_model_folder(path)
+    return FAMILIES[info["family"]](path, info, scheduler, dtype=dtype, progress=progress, use_t5=use_t5,
+                                    keep_text_encoders=keep_text_encoders, max_sequence_length=max_sequence_length)
 
 
 __all__ = ["BUILTIN_MODEL", "FAMILIES", "FlowMatchEulerScheduler", "FluxPipeline", "GenerationSettings", "Pipeline",
-           "SD3Pipeline", "Stats", "load_pipeline", "read_scheduler_config"]
+           "SD3Pipeline", "Stats", "check_model_folder", "load_pipeline", "read_scheduler_config"]

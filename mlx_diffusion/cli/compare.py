@@ -1,0 +1,90 @@
+"""`mlx-diffusion compare` (also `python -m mlx_diffusion.compare`): models x prompts x seeds in one labelled grid,
+through `tour.compare`.
+
+    mlx-diffusion compare [--models FOLDER ...] [--prompts FILE | --prompt TEXT ... | --bank NAME [--category C]]
+                          [--seeds 0,1] [--steps N] [--guidance G] [--size S] [-o grid.png]
+
+Writes grid.png, grid.json ({"tiles": [{model, prompt, seed, steps, guidance, seconds, peak_memory_gb, file}]}) and
+every tile in grid-tiles/ as a PNG with its settings. Models are loaded one after the other.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import Error
+from . import one_line, run
+
+
+def _seeds(ctx, param, value):
+    try:
+        seeds = []
+        for part in value.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of seeds or ranges, e.g. 0,1 or 0-3") from None
+    if not seeds or any(s < 0 or s >= 2**64 for s in seeds):
+        raise click.BadParameter("seeds are integers from 0 to 2**64 - 1")
+    return seeds
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--models", "models", multiple=True, type=click.Path(path_type=Path),
+              help="Converted model folders, one per option or several after it [the built-in model]; "
+                   "'built-in' names the built-in model.")
+@click.argument("more_models", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--prompts", "prompt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A text file, one prompt a line.")
+@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeatable).")
+@click.option("--bank", default=None, type=click.Choice(["real", "builtin"]),
+              help="Prompts from the prompt bank [a short selection from the first model's bank].")
+@click.option("--category", default=None, help="Only this category of the bank (e.g. text, photo, counting).")
+@click.option("--seeds", default="0,1", show_default=True, callback=_seeds, help="Seeds: 0,1 or a range 0-3.")
+@click.option("--steps", type=int, default=None, help="Denoising steps for every model [each model's default].")
+@click.option("--guidance", type=float, default=None, help="Guidance for every model [each model's default].")
+@click.option("--size", type=int, default=None, help="Width and height for every model [each model's default].")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("grid.png"), show_default=True,
+              help="The grid PNG; its .json and -tiles/ folder go beside it.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def main(models, more_models, prompt_file, prompt_texts, bank, category, seeds, steps, guidance, size, output,
+         quiet):
+    """Render models x prompts x seeds into one labelled grid."""
+    from ..pipelines import BUILTIN_MODEL, check_model_folder
+    from ..tour import compare, prompts as bank_module
+
+    folders = [None if str(m) == "built-in" else m for m in (*models, *more_models)] or [None]
+    if output.suffix.lower() != ".png":
+        raise click.BadParameter(f"{output} must end in .png", param_hint="--output")
+    if not (output.parent if str(output.parent) else Path(".")).is_dir():
+        raise click.BadParameter(f"folder {output.parent} does not exist", param_hint="--output")
+    say = (lambda *a: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    try:
+        infos = [check_model_folder(f or BUILTIN_MODEL)[0] for f in folders]  # every folder, before any work
+        if prompt_file is not None:
+            texts = [line.strip() for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not texts:
+                raise click.BadParameter(f"{prompt_file} has no prompts", param_hint="--prompts")
+        elif prompt_texts:
+            texts = list(prompt_texts)
+        else:
+            name = bank or bank_module.bank_for(infos[0])
+            chosen = bank_module.bank(name, category) if (bank or category) else bank_module.showcase(name)
+            texts = [p.text for p in chosen]
+
+        def progress(done, total, tile):
+            say(f"[{done}/{total}] {tile.model}, seed {tile.seed}: {tile.seconds:.2f} s  {tile.prompt[:60]}")
+
+        tiles = compare.render(folders, texts, seeds, steps=steps, guidance=guidance, size=size, progress=progress)
+        compare.write(tiles, output)
+    except Error as e:
+        raise click.ClickException(one_line(e)) from None
+    say(f"wrote {output}, {output.with_suffix('.json')} and {len(tiles)} tiles in {output.stem}-tiles/")
+    click.echo(str(output))
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
