@@ -5,7 +5,7 @@
                                       [--guidance G] [-o grid.png]
 
 FOLDER is any mlx_diffusion model folder (tools/convert.py output, or the built-in model, the default, which needs
-no download). diffusers runs on the folder's own weights (`weights.reference_arrays`: quantized layers dequantized)
+no download). diffusers runs on the folder's own weights (`io.folder.reference_arrays`: quantized layers dequantized)
 with transformers' tokenizers on the folder's tokenizer files; both sides start from the same latents. Each row of
 the grid is one prompt and seed: mlx_diffusion, diffusers, and their absolute difference x10. The script prints each
 image pair's max/mean difference and both sides' time per image (ratio diffusers / ours: above 1, we are faster).
@@ -14,7 +14,6 @@ image pair's max/mean difference and both sides' time per image (ratio diffusers
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,66 +22,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_diffusion  # noqa: E402  (before mlx.core: OpenBLAS on Linux)
 from mlx_diffusion import load_pipeline  # noqa: E402
-from mlx_diffusion.io.folder import reference_arrays  # noqa: E402
+from reference import reference_pipeline  # noqa: E402  (benchmarks/reference.py: the diffusers side)
 
 PROMPTS = ["a red circle on a blue background", "two green squares at the top",
            "three yellow triangles in the bottom left on a black background", "a white square on the right"]
-
-
-def _state(folder):
-    import torch
-
-    return {k: torch.from_numpy(v) for k, v in reference_arrays(folder).items()}
-
-
-def reference_pipeline(path: Path, family: str):
-    """A diffusers pipeline holding the folder's weights."""
-    import diffusers
-    import transformers
-
-    def config(c):
-        return json.loads((path / c / "config.json").read_text())
-
-    def diffusers_model(cls, c):
-        m = cls.from_config(config(c))
-        m.load_state_dict(_state(path / c), strict=True)
-        return m.eval()
-
-    def transformers_model(c):
-        cfg = config(c)
-        arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
-        cls = getattr(transformers, arch)
-        m = cls(getattr(transformers, cls.config_class.__name__).from_dict(cfg))
-        missing, unexpected = m.load_state_dict(_state(path / c), strict=False)
-        if unexpected or any("position_ids" not in k for k in missing):
-            raise SystemExit(f"{path / c}: weights do not fit {arch} ({missing[:3]} {unexpected[:3]})")
-        return m.eval()
-
-    def tokenizer(c):
-        if not (path / c).is_dir():
-            return None
-        cfg = json.loads((path / c / "tokenizer_config.json").read_text())
-        cls = transformers.T5TokenizerFast if "T5" in cfg.get("tokenizer_class", "") else transformers.CLIPTokenizer
-        return cls.from_pretrained(path / c)
-
-    def encoder(c):
-        return transformers_model(c) if (path / c / "config.json").is_file() else None
-
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-    vae = diffusers_model(diffusers.AutoencoderKL, "vae")
-    if family == "flux":
-        return diffusers.FluxPipeline(
-            transformer=diffusers_model(diffusers.FluxTransformer2DModel, "transformer"), vae=vae,
-            scheduler=scheduler, text_encoder=encoder("text_encoder"), tokenizer=tokenizer("tokenizer"),
-            text_encoder_2=encoder("text_encoder_2"), tokenizer_2=tokenizer("tokenizer_2"))
-    return diffusers.StableDiffusion3Pipeline(
-        transformer=diffusers_model(diffusers.SD3Transformer2DModel, "transformer"), vae=vae, scheduler=scheduler,
-        text_encoder=encoder("text_encoder"), tokenizer=tokenizer("tokenizer"),
-        text_encoder_2=encoder("text_encoder_2"), tokenizer_2=tokenizer("tokenizer_2"),
-        text_encoder_3=encoder("text_encoder_3"), tokenizer_3=tokenizer("tokenizer_3"))
 
 
 def main():

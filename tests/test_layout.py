@@ -128,7 +128,7 @@ def test_entry_points_from_a_non_editable_install(tmp_path):
     bin_ = venv / "bin"
     r = subprocess.run([str(bin_ / "mlx-diffusion"), "--help"], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path, env=env)
-    assert r.returncode == 0 and all(c in r.stdout for c in ("generate", "convert", "compare", "train", "evaluate")), r.stderr
+    assert r.returncode == 0 and all(c in r.stdout for c in ("generate", "convert", "compare", "benchmark", "train", "evaluate")), r.stderr
     r = subprocess.run([str(bin_ / "mlx-diffusion-generate"), "--prompt", "a red circle", "--steps", "2", "--seed", "3",
                         "-o", "a.png", "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0 and (tmp_path / "a.png").is_file(), r.stderr

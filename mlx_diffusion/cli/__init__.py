@@ -38,6 +38,7 @@ class _Lazy(click.Group):
         "generate": ("mlx_diffusion.cli.generate", "Generate images from a text prompt."),
         "convert": ("mlx_diffusion.cli.convert", "Convert a checkpoint into an MLX model folder."),
         "compare": ("mlx_diffusion.cli.compare", "Render models x prompts x seeds into one labelled grid."),
+        "benchmark": ("mlx_diffusion.cli.benchmark", "Profile a model, optionally against diffusers."),
         "train": ("mlx_diffusion.tiny.train", "Train the built-in model on synthetic scenes."),
         "evaluate": ("mlx_diffusion.tiny.evaluate", "Prompt following of a model trained on synthetic scenes."),
     }
@@ -85,5 +86,12 @@ def convert():
 def compare():
     """The `mlx-diffusion-compare` entry point."""
     from .compare import main as command
+
+    run(command)
+
+
+def benchmark():
+    """The `mlx-diffusion-benchmark` entry point."""
+    from .benchmark import main as command
 
     run(command)

@@ -29,7 +29,8 @@ from .settings import GenerationSettings
 
 @dataclass
 class Stats:
-    seconds: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # text_encoding, denoising, decoding
+    step_seconds: list = field(default_factory=list)  # each denoising step
     peak_memory_gb: float = 0.0  # MLX allocator peak
     peak_rss_gb: float = 0.0  # process peak resident set
 
@@ -173,9 +174,11 @@ class Pipeline:
         from tqdm import tqdm
 
         for i in tqdm(range(s.steps), desc="denoising", disable=not self.progress, file=sys.stderr, leave=False):
+            t_step = time.perf_counter()
             v = self.predict(x, float(scheduler.timesteps[i]), cond, s)
             x = scheduler.step(v, i, x)
             mx.eval(x)
+            stats.step_seconds.append(time.perf_counter() - t_step)
         del cond
         mx.clear_cache()
         stats.seconds["denoising"] = time.perf_counter() - t0

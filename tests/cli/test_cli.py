@@ -102,7 +102,7 @@ def test_bad_model_folders(flux_schnell, tmp_path):
 
 
 @pytest.mark.parametrize("module", ["mlx_diffusion", "mlx_diffusion.generate", "mlx_diffusion.compare",
-                                    "mlx_diffusion.train",
+                                    "mlx_diffusion.benchmark", "mlx_diffusion.train",
                                     "mlx_diffusion.evaluate", "mlx_diffusion.tiny.train", "mlx_diffusion.tiny.evaluate"])
 def test_documented_command_lines_run(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120,
