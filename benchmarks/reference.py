@@ -6,7 +6,7 @@ out of the package: mlx_diffusion never imports torch, diffusers or transformers
     python benchmarks/reference.py run REQUEST.json            diffusers on a converted folder's own weights, timed
 
 `run` builds the diffusers pipeline from the folder (`reference_pipeline`: quantized layers dequantized, transformers'
-tokenizers on the folder's tokenizer files), runs every prompt from the given initial latents once to warm up and
+tokenizers on the folder's tokenizer files), or for a preset loads the diffusers folder it was built as, runs every prompt from the given initial latents once to warm up and
 `repeat` times more, and writes per-stage times, per-step times, its peak RSS and the images. It runs in its own
 process, so its peak memory is its own.
 """
@@ -199,9 +199,15 @@ def run(request: dict) -> dict:
 
     global WEIGHTS_DIR
     torch.set_num_threads(os.cpu_count())
-    WEIGHTS_DIR = request["weights"]
     folder, family = Path(request["folder"]), request["family"]
-    pipe = reference_pipeline(folder, family)
+    if request.get("pretrained"):  # a preset: the diffusers folder it was built as
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+        cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
+        pipe = cls.from_pretrained(request["pretrained"], torch_dtype=torch.float32)
+    else:
+        WEIGHTS_DIR = request["weights"]
+        pipe = reference_pipeline(folder, family)
     pipe.set_progress_bar_config(disable=True)
     size, steps, guidance = request["size"], request["steps"], request["guidance"]
     length = request["max_sequence_length"]

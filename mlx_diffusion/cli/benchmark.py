@@ -134,16 +134,20 @@ def main(model_path, preset, family, bits, prompt_file, prompt_texts, bank, cate
             ref_result = diff = None
             if compare_diffusers:
                 _reference_module()
-                (tmp / "weights").mkdir()
-                for c in info["components"]:  # the folder's weights in the reference layout, read there without MLX
-                    writer = SafetensorsWriter(tmp / "weights" / f"{c}.safetensors")
+                ref_request = {**request, "out": str(tmp / "ref-result.json")}
+                if preset:  # diffusers runs the float32 folder the preset was built as
+                    ref_request["pretrained"] = str(tmp / "diffusers")
+                else:  # the folder's weights in the reference layout, for that process to read without MLX
                     import mlx.core as mx
 
-                    for k, v in reference_arrays(folder / c).items():
-                        writer.add(k, mx.array(v))
-                    writer.close()
-                (tmp / "ref.json").write_text(json.dumps({**request, "out": str(tmp / "ref-result.json"),
-                                                          "weights": str(tmp / "weights")}))
+                    (tmp / "weights").mkdir()
+                    for c in info["components"]:
+                        writer = SafetensorsWriter(tmp / "weights" / f"{c}.safetensors")
+                        for k, v in reference_arrays(folder / c).items():
+                            writer.add(k, mx.array(v))
+                        writer.close()
+                    ref_request["weights"] = str(tmp / "weights")
+                (tmp / "ref.json").write_text(json.dumps(ref_request))
                 _run([sys.executable, str(REFERENCE), "run", str(tmp / "ref.json")], "diffusers", say)
                 ref_result = json.loads((tmp / "ref-result.json").read_text())
                 diff = max(float(np.abs(np.load(tmp / f"mlx_diffusion-{i}.npy") - np.load(tmp / f"diffusers-{i}.npy"))
