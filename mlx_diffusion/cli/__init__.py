@@ -26,6 +26,23 @@ def run(command, args=None):
         sys.exit(1)
 
 
+def prompt_options(command):
+    """The prompt-choosing options that compare and benchmark share (read by `tour.prompts.select`)."""
+    from pathlib import Path
+
+    options = [
+        click.option("--prompts", "prompt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="A text file, one prompt a line."),
+        click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeatable)."),
+        click.option("--bank", default=None, type=click.Choice(["real", "builtin"]),
+                     help="Prompts from the prompt bank [a short selection from the model's bank]."),
+        click.option("--category", default=None, help="Only this category of the bank (e.g. text, photo, counting)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else e.__class__.__name__

@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 
 from ..errors import Error, InputError
-from . import one_line, run
+from . import one_line, prompt_options, run
 
 REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "reference.py"
 
@@ -59,11 +59,7 @@ def _run(cmd, what, say):
               help="The preset's family.")
 @click.option("--bits", type=click.Choice(["none", "4", "8"]), default="none", show_default=True,
               help="The preset converted at these bits (ours; diffusers runs the same weights in float32).")
-@click.option("--prompts", "prompt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A text file, one prompt a line.")
-@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeatable).")
-@click.option("--bank", default=None, type=click.Choice(["real", "builtin"]), help="Prompts from the prompt bank.")
-@click.option("--category", default=None, help="Only this category of the bank.")
+@prompt_options
 @click.option("--n-prompts", type=click.IntRange(min=1), default=1, show_default=True,
               help="How many of the prompts to run.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps [the model's default].")
@@ -103,17 +99,7 @@ def main(model_path, preset, family, bits, prompt_file, prompt_texts, bank, cate
                 folder = Path(model_path) if model_path else BUILTIN_MODEL
             info, _ = check_model_folder(folder)
             d = info["defaults"]
-            if prompt_file is not None:
-                texts = [line.strip() for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-            elif prompt_texts:
-                texts = list(prompt_texts)
-            else:
-                name = bank or bank_module.bank_for(info)
-                texts = [p.text for p in (bank_module.bank(name, category) if (bank or category)
-                                          else bank_module.showcase(name))]
-            texts = texts[:n_prompts]
-            if not texts:
-                raise InputError("no prompts to run")
+            texts = bank_module.select(prompt_texts, prompt_file, bank, category, info, limit=n_prompts)
             vae = read_json(folder / "vae" / "config.json")
             factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
             size = size or d["width"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from ..errors import Error
-from . import one_line, run
+from . import one_line, prompt_options, run
 
 
 def _seeds(ctx, param, value):
@@ -37,12 +37,7 @@ def _seeds(ctx, param, value):
               help="Converted model folders, one per option or several after it [the built-in model]; "
                    "'built-in' names the built-in model.")
 @click.argument("more_models", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--prompts", "prompt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A text file, one prompt a line.")
-@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeatable).")
-@click.option("--bank", default=None, type=click.Choice(["real", "builtin"]),
-              help="Prompts from the prompt bank [a short selection from the first model's bank].")
-@click.option("--category", default=None, help="Only this category of the bank (e.g. text, photo, counting).")
+@prompt_options
 @click.option("--seeds", default="0,1", show_default=True, callback=_seeds, help="Seeds: 0,1 or a range 0-3.")
 @click.option("--steps", type=int, default=None, help="Denoising steps for every model [each model's default].")
 @click.option("--guidance", type=float, default=None, help="Guidance for every model [each model's default].")
@@ -64,16 +59,7 @@ def main(models, more_models, prompt_file, prompt_texts, bank, category, seeds, 
     say = (lambda *a: None) if quiet else (lambda msg: click.echo(msg, err=True))
     try:
         infos = [check_model_folder(f or BUILTIN_MODEL)[0] for f in folders]  # every folder, before any work
-        if prompt_file is not None:
-            texts = [line.strip() for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if not texts:
-                raise click.BadParameter(f"{prompt_file} has no prompts", param_hint="--prompts")
-        elif prompt_texts:
-            texts = list(prompt_texts)
-        else:
-            name = bank or bank_module.bank_for(infos[0])
-            chosen = bank_module.bank(name, category) if (bank or category) else bank_module.showcase(name)
-            texts = [p.text for p in chosen]
+        texts = bank_module.select(prompt_texts, prompt_file, bank, category, infos[0])
 
         def progress(done, total, tile):
             say(f"[{done}/{total}] {tile.model}, seed {tile.seed}: {tile.seconds:.2f} s  {tile.prompt[:60]}")

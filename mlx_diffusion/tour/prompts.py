@@ -10,6 +10,7 @@ folder's info file calls for.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InputError
 
@@ -141,3 +142,20 @@ def showcase(name: str) -> list[Prompt]:
 def bank_for(info: dict) -> str:
     """The bank that suits a model folder (its info file): the built-in model understands only its own captions."""
     return "builtin" if info.get("variant") == "tiny" else "real"
+
+
+def select(texts=(), file=None, bank_name: str | None = None, category: str | None = None, info: dict | None = None,
+           limit: int | None = None) -> list[str]:
+    """The prompts a command was given: `texts`, else a file's lines, else a bank (or one of its categories), else a
+    short selection from the bank that suits the model (`info`: its folder's info file). InputError when none."""
+    if texts:
+        chosen = list(texts)
+    elif file is not None:
+        chosen = [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        name = bank_name or bank_for(info or {})
+        chosen = [p.text for p in (bank(name, category) if (bank_name or category) else showcase(name))]
+    chosen = chosen[:limit]
+    if not chosen:
+        raise InputError(f"no prompts{f' in {file}' if file is not None else ''}")
+    return chosen

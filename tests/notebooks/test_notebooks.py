@@ -16,6 +16,7 @@ def test_the_tour_is_there():
                         "04_sd3.ipynb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TOUR)
 def test_notebook_runs_and_plots(name):
     import nbformat

@@ -44,6 +44,7 @@ def test_against_diffusers_on_the_builtin_model(tmp_path):
     assert set(record["rss_gb"]) == {"mlx_diffusion", "diffusers"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_against_diffusers_on_a_random_preset(tmp_path, family):
     record = _record(benchmark("--preset", "tiny", "--family", family, "--steps", 2, "--repeat", 1,

@@ -34,3 +34,14 @@ def test_bank_errors():
         P.bank("real", "nope")
     with pytest.raises(InputError, match="no prompt with id"):
         P.get("text-999")
+
+
+def test_select(tmp_path):
+    assert P.select(["a", "b"]) == ["a", "b"]
+    (tmp_path / "p.txt").write_text("one\n\n  two  \n")
+    assert P.select(file=tmp_path / "p.txt") == ["one", "two"]
+    assert P.select(info={"variant": "tiny"}) == [p.text for p in P.showcase("builtin")]
+    assert P.select(bank_name="real", category="counting", limit=2) == [p.text for p in P.bank("real", "counting")][:2]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(InputError, match="no prompts in"):
+        P.select(file=tmp_path / "empty.txt")
