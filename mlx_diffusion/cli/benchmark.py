@@ -15,11 +15,9 @@ with few blocks: `block`) and converts it; presets and the diffusers side need a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,28 +25,7 @@ from pathlib import Path
 import click
 
 from ..errors import Error, InputError
-from . import one_line, prompt_options, run
-
-REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "reference.py"
-
-
-def _reference_module():
-    if not REFERENCE.is_file():
-        raise InputError("--preset and --compare-diffusers need a checkout with benchmarks/reference.py and the test "
-                         "dependencies (./setup.sh --test)")
-    spec = importlib.util.spec_from_file_location("mlx_diffusion_reference", REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # presets only: it imports torch when it builds or runs, in its own process
-    return module
-
-
-def _run(cmd, what, say):
-    say(f"running {what} ...")
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        tail = [line for line in r.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise InputError(f"{what} failed: {tail[0]}")
-
+from . import one_line, prompt_options, reference as baseline, run
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
@@ -77,8 +54,7 @@ def main(model_path, preset, family, bits, prompt_file, prompt_texts, bank, cate
     from .. import __version__
     from ..backends import blas
     from ..convert import convert
-    from ..io.folder import read_json, reference_arrays
-    from ..io.safetensors import SafetensorsWriter
+    from ..io.folder import read_json
     from ..pipelines import BUILTIN_MODEL, check_model_folder
     from ..tour import benchmark, prompts as bank_module
 
@@ -89,12 +65,12 @@ def main(model_path, preset, family, bits, prompt_file, prompt_texts, bank, cate
         with tempfile.TemporaryDirectory(prefix="mlx-diffusion-benchmark-") as tmp:
             tmp = Path(tmp)
             if preset:
-                reference = _reference_module()
-                _run([sys.executable, str(REFERENCE), "build", family, preset, str(tmp / "diffusers")],
-                     f"building a random {family} {preset} model", say)
+                presets = baseline.module().PRESETS
+                baseline.call([sys.executable, str(baseline.REFERENCE), "build", family, preset, str(tmp / "diffusers")],
+                              f"building a random {family} {preset} model", say)
                 folder = convert(tmp / "diffusers", tmp / "mlx", bits=None if bits == "none" else int(bits),
                                  dtype="float32", progress=False, log=lambda *a: None)
-                size = size or reference.PRESETS[family][preset]["size"]
+                size = size or presets[family][preset]["size"]
             else:
                 folder = Path(model_path) if model_path else BUILTIN_MODEL
             info, _ = check_model_folder(folder)
@@ -115,27 +91,18 @@ def main(model_path, preset, family, bits, prompt_file, prompt_texts, bank, cate
                        "steps": steps or d["steps"], "guidance": d["guidance"] if guidance is None else guidance,
                        "size": size, "max_sequence_length": d["max_sequence_length"], "repeat": repeat}
             (tmp / "ours.json").write_text(json.dumps({**request, "out": str(tmp / "ours-result.json")}))
-            _run([sys.executable, "-m", "mlx_diffusion.tour.benchmark", str(tmp / "ours.json")], "mlx_diffusion", say)
+            baseline.call([sys.executable, "-m", "mlx_diffusion.tour.benchmark", str(tmp / "ours.json")], "mlx_diffusion",
+                          say)
             ours_result = json.loads((tmp / "ours-result.json").read_text())
             ref_result = diff = None
             if compare_diffusers:
-                _reference_module()
                 ref_request = {**request, "out": str(tmp / "ref-result.json")}
                 if preset:  # diffusers runs the float32 folder the preset was built as
                     ref_request["pretrained"] = str(tmp / "diffusers")
-                else:  # the folder's weights in the reference layout, for that process to read without MLX
-                    import mlx.core as mx
-
-                    (tmp / "weights").mkdir()
-                    for c in info["components"]:
-                        writer = SafetensorsWriter(tmp / "weights" / f"{c}.safetensors")
-                        for k, v in reference_arrays(folder / c).items():
-                            writer.add(k, mx.array(v))
-                        writer.close()
+                else:
+                    baseline.export_weights(folder, info["components"], tmp / "weights")
                     ref_request["weights"] = str(tmp / "weights")
-                (tmp / "ref.json").write_text(json.dumps(ref_request))
-                _run([sys.executable, str(REFERENCE), "run", str(tmp / "ref.json")], "diffusers", say)
-                ref_result = json.loads((tmp / "ref-result.json").read_text())
+                ref_result = baseline.run(ref_request, tmp, say)
                 diff = max(float(np.abs(np.load(tmp / f"mlx_diffusion-{i}.npy") - np.load(tmp / f"diffusers-{i}.npy"))
                                  .max()) for i in range(len(texts)))
     except Error as e:

@@ -44,9 +44,12 @@ def _seeds(ctx, param, value):
 @click.option("--size", type=int, default=None, help="Width and height for every model [each model's default].")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("grid.png"), show_default=True,
               help="The grid PNG; its .json and -tiles/ folder go beside it.")
+@click.option("--reference", type=click.Choice(["diffusers"]), default=None,
+              help="Also each model run by diffusers on its weights and the same noise, a column beside it (needs a "
+                   "checkout's benchmarks/reference.py and ./setup.sh --test).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def main(models, more_models, prompt_file, prompt_texts, bank, category, seeds, steps, guidance, size, output,
-         quiet):
+         reference, quiet):
     """Render models x prompts x seeds into one labelled grid."""
     from ..pipelines import BUILTIN_MODEL, check_model_folder
     from ..tour import compare, prompts as bank_module
@@ -64,12 +67,41 @@ def main(models, more_models, prompt_file, prompt_texts, bank, category, seeds, 
         def progress(done, total, tile):
             say(f"[{done}/{total}] {tile.model}, seed {tile.seed}: {tile.seconds:.2f} s  {tile.prompt[:60]}")
 
-        tiles = compare.render(folders, texts, seeds, steps=steps, guidance=guidance, size=size, progress=progress)
+        tiles = compare.render(folders, texts, seeds, steps=steps, guidance=guidance, size=size, progress=progress,
+                               keep_noise=reference is not None)
+        if reference:
+            tiles = _with_reference(tiles, folders, infos, say)
         compare.write(tiles, output)
     except Error as e:
         raise click.ClickException(one_line(e)) from None
     say(f"wrote {output}, {output.with_suffix('.json')} and {len(tiles)} tiles in {output.stem}-tiles/")
     click.echo(str(output))
+
+
+def _with_reference(tiles, folders, infos, say):
+    """Each model's tiles followed by diffusers' on the same weights and noise."""
+    import tempfile
+
+    import numpy as np
+
+    from ..pipelines import BUILTIN_MODEL
+    from ..tour import compare
+    from . import reference as baseline
+
+    baseline.module()
+    out = []
+    for folder, info in zip(folders, infos):
+        name = compare.model_name(folder)
+        mine = [t for t in tiles if t.model == name]
+        folder = folder or BUILTIN_MODEL
+        with tempfile.TemporaryDirectory(prefix="mlx-diffusion-compare-") as tmp:
+            tmp = Path(tmp)
+            request = compare.reference_request(mine, folder, info["family"], tmp)
+            baseline.export_weights(Path(folder), info["components"], tmp / "weights")
+            result = baseline.run({**request, "weights": str(tmp / "weights")}, tmp, say)
+            images = [np.load(tmp / f"diffusers-{i}.npy") for i in range(len(mine))]
+        out += mine + compare.reference_tiles(mine, result, images, f"{name} (diffusers)")
+    return out
 
 
 if __name__ == "__main__":

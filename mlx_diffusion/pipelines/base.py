@@ -164,11 +164,7 @@ class Pipeline:
         stats.seconds["text_encoding"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        if latents is None:
-            shape = (1, self.latent_channels, s.height // self.vae_scale_factor, s.width // self.vae_scale_factor)
-            noise = mx.random.normal(shape, key=mx.random.key(s.seed))
-        else:
-            noise = mx.array(np.asarray(latents, dtype=np.float32))
+        noise = self.noise(s) if latents is None else mx.array(np.asarray(latents, dtype=np.float32))
         x, scheduler = self.prepare(noise, s)
         x = x.astype(self.compute_dtype)
         from tqdm import tqdm
@@ -194,6 +190,12 @@ class Pipeline:
         from PIL import Image
 
         return Image.fromarray((image * 255).round().astype(np.uint8))
+
+    def noise(self, s: GenerationSettings):
+        """The initial noise of resolved settings' seed, (1, C, height/8, width/8) in diffusers' unpacked layout: what
+        `generate` starts from, and what another implementation must be given to make the same image."""
+        shape = (1, self.latent_channels, s.height // self.vae_scale_factor, s.width // self.vae_scale_factor)
+        return mx.random.normal(shape, key=mx.random.key(s.seed))
 
     @property
     def compute_dtype(self):

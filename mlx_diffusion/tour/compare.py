@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import InputError
 from ..io.folder import atomic_folder
@@ -24,26 +25,28 @@ from ..pipelines import GenerationSettings, load_pipeline
 
 @dataclass
 class Tile:
-    model: str  # the name shown: the folder's name, or "built-in"
+    model: str  # the name shown: the folder's name, or "built-in" (and " (diffusers)" for the reference)
     prompt: str
     seed: int
     steps: int
     guidance: float | None
     seconds: float
-    peak_memory_gb: float
+    peak_memory_gb: float | None  # MLX's peak (None for a reference implementation's tiles)
     file: str = ""  # the tile's PNG, relative to the grid's folder
     image: object = field(default=None, repr=False)  # the PIL image (not recorded)
     settings: GenerationSettings | None = field(default=None, repr=False)
+    noise: object = field(default=None, repr=False)  # the initial noise, with render(keep_noise=True)
 
     def record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("image", "settings")}
+        return {k: v for k, v in asdict(self).items() if k not in ("image", "settings", "noise")}
 
 
 def model_name(path) -> str:
     return "built-in" if path is None else Path(path).name
 
 
-def render(models, prompts, seeds, *, steps=None, guidance=None, size=None, progress=None) -> list[Tile]:
+def render(models, prompts, seeds, *, steps=None, guidance=None, size=None, progress=None,
+           keep_noise=False) -> list[Tile]:
     """Every model x prompt x seed, model by model (each released before the next is loaded).
 
     models: folders (None: the built-in model); steps / guidance / size: the same for every model, or None for each
@@ -66,6 +69,8 @@ def render(models, prompts, seeds, *, steps=None, guidance=None, size=None, prog
                 s = pipe.last_settings
                 tile = Tile(name, prompt, seed, s.steps, s.guidance, round(time.perf_counter() - t0, 3),
                             round(pipe.last_stats.peak_memory_gb, 3), image=image, settings=s)
+                if keep_noise:
+                    tile.noise = np.array(pipe.noise(s))
                 tiles.append(tile)
                 if progress:
                     progress(len(tiles), total, tile)
@@ -73,6 +78,32 @@ def render(models, prompts, seeds, *, steps=None, guidance=None, size=None, prog
         gc.collect()
         mx.clear_cache()
     return tiles
+
+
+def reference_request(tiles: list[Tile], folder, family: str, tmp: Path) -> dict:
+    """The request (as `tour.benchmark.profile` and benchmarks/reference.py take) that makes one model's tiles again
+    with another implementation: each tile's prompt from the noise its seed drew (`render(keep_noise=True)`), at
+    its resolved settings, once."""
+    s = tiles[0].settings
+    latents = []
+    for i, t in enumerate(tiles):
+        latents.append(str(tmp / f"noise-{i}.npy"))
+        np.save(latents[-1], t.noise)
+    return {"folder": str(folder), "family": family, "prompts": [t.prompt for t in tiles], "latents": latents,
+            "steps": s.steps, "guidance": s.guidance, "size": s.width, "max_sequence_length": s.max_sequence_length,
+            "repeat": 0, "out": str(tmp / "reference-result.json")}
+
+
+def reference_tiles(tiles: list[Tile], result: dict, images, name: str) -> list[Tile]:
+    """Tiles of the reference's images (float arrays in [0, 1]) for `tiles`, under the model name `name`."""
+    from PIL import Image
+
+    out = []
+    for t, run, image in zip(tiles, result["cold"], images):
+        seconds = run["text_encoding"] + run["denoising"] + run["decoding"]
+        pil = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+        out.append(Tile(name, t.prompt, t.seed, t.steps, t.guidance, round(seconds, 3), None, image=pil))
+    return out
 
 
 def grid_image(tiles: list[Tile], cell: int | None = None):

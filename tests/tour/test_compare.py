@@ -76,3 +76,19 @@ def test_compare_command_errors(tmp_path):
     assert_clean_error(compare_cli("--seeds", "a,b", "-o", "g.png"), "--seeds")
     assert_clean_error(compare_cli("-o", "g.jpg"), "must end in .png")
     assert not list(tmp_path.iterdir())
+
+
+def test_reference_column_equals_ours(tmp_path):
+    """--reference diffusers: each model's tiles are followed by diffusers' on the same weights and noise."""
+    r = subprocess.run([sys.executable, "-m", "mlx_diffusion.compare", "--prompt", "a red circle on a blue background",
+                        "--prompt", "two green squares", "--seeds", "3", "--steps", "4", "--reference", "diffusers",
+                        "-o", "grid.png", "--quiet"], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    tiles = json.loads((tmp_path / "grid.json").read_text())["tiles"]
+    assert [t["model"] for t in tiles] == ["built-in"] * 2 + ["built-in (diffusers)"] * 2
+    for ours, ref in zip(tiles[:2], tiles[2:]):
+        assert (ours["prompt"], ours["seed"], ours["steps"]) == (ref["prompt"], ref["seed"], ref["steps"])
+        a, b = (np.asarray(Image.open(tmp_path / t["file"]), dtype=int) for t in (ours, ref))
+        assert np.abs(a - b).max() <= 1  # the same image, to uint8 rounding
+        assert ref["peak_memory_gb"] is None and ref["seconds"] > 0
