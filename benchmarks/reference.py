@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The diffusers side of `mlx-diffusion benchmark --compare-diffusers` (and of `compare --reference diffusers`), kept
+"""The diffusers side of `mlx-diffusion benchmark --compare-diffusers` and `compare --reference diffusers`, kept
 out of the package: mlx_diffusion never imports torch, diffusers or transformers.
 
     python benchmarks/reference.py build FAMILY PRESET OUT     a random-weight diffusers pipeline at a preset's sizes
@@ -128,7 +128,7 @@ WEIGHTS_DIR = None  # `run`: the folder's weights exported in the reference layo
 
 def _state(folder):
     """A component's weights as torch tensors: from WEIGHTS_DIR (exported by the caller), or read through
-    mlx_diffusion (in-process uses such as compare_grid.py)."""
+    mlx_diffusion (in-process use, e.g. from a notebook)."""
     import torch
 
     if WEIGHTS_DIR is not None:
