@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..io.folder import atomic_folder
 from ..io.images import write_png
 from ..pipelines import GenerationSettings, load_pipeline
+from .benchmark import STAGES
 
 
 @dataclass
@@ -100,7 +101,7 @@ def reference_tiles(tiles: list[Tile], result: dict, images, name: str) -> list[
 
     out = []
     for t, run, image in zip(tiles, result["cold"], images):
-        seconds = run["text_encoding"] + run["denoising"] + run["decoding"]
+        seconds = sum(run[k] for k in STAGES)
         pil = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
         out.append(Tile(name, t.prompt, t.seed, t.steps, t.guidance, round(seconds, 3), None, image=pil))
     return out
