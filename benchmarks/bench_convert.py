@@ -5,9 +5,9 @@
                                        [--workdir DIR] [--keep]
 
 Writes a BFL-named bf16 transformer of random weights (19 double + 38 single blocks, width 3072: ~24 GB at the
-defaults; one tensor at a time, with our SafetensorsWriter), next to a tiny diffusers folder for the other
-components (tests/tiny_models.py), then converts them with `convert(folder, out, transformer=FILE, bits=...)` in a
-fresh process that does nothing else, so its peak RSS (VmHWM) is the converter's own. Scale it down with
+defaults; one tensor at a time, with `mlx_diffusion.tour.checkpoints`), next to small single files for the other
+components (one-layer CLIP-L and T5 at their real widths, a small VAE), then converts them with `convert(None, out,
+transformer=FILE, vae=..., clip_l=..., t5=..., bits=...)` in a fresh process that does nothing else, so its peak RSS (VmHWM) is the converter's own. Scale it down with
 --layers/--single-layers (e.g. 1 + 2) for a quick run. The file was just written, so it is read from the page cache
 where memory allows: the time is the converter's compute and writing, not the disk's read speed. VmHWM counts the
 memory-mapped source pages the converter touched as well as its own allocations.
@@ -30,67 +30,26 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def flux_shapes(layers: int, single_layers: int, heads: int, head_dim: int = 128, in_channels: int = 64,
-                context: int = 4096, pooled: int = 768, mlp_ratio: int = 4) -> dict:
-    """BFL tensor names -> shapes of a FLUX.1-schnell transformer (no guidance embedder)."""
-    h = heads * head_dim
-    mlp = mlp_ratio * h
-    s = {}
-
-    def linear(name, out, inp):
-        s[name + ".weight"], s[name + ".bias"] = (out, inp), (out,)
-
-    linear("img_in", h, in_channels)
-    linear("txt_in", h, context)
-    linear("time_in.in_layer", h, 256)
-    linear("time_in.out_layer", h, h)
-    linear("vector_in.in_layer", h, pooled)
-    linear("vector_in.out_layer", h, h)
-    for i in range(layers):
-        for side in ("img", "txt"):
-            b = f"double_blocks.{i}.{side}_"
-            linear(b + "mod.lin", 6 * h, h)
-            linear(b + "attn.qkv", 3 * h, h)
-            s[b + "attn.norm.query_norm.scale"] = s[b + "attn.norm.key_norm.scale"] = (head_dim,)
-            linear(b + "attn.proj", h, h)
-            linear(b + "mlp.0", mlp, h)
-            linear(b + "mlp.2", h, mlp)
-    for i in range(single_layers):
-        b = f"single_blocks.{i}."
-        linear(b + "linear1", 3 * h + mlp, h)
-        linear(b + "linear2", h, h + mlp)
-        s[b + "norm.query_norm.scale"] = s[b + "norm.key_norm.scale"] = (head_dim,)
-        linear(b + "modulation.lin", 3 * h, h)
-    linear("final_layer.adaLN_modulation.1", 2 * h, h)
-    linear("final_layer.linear", in_channels, h)
-    return s
-
-
 def write_checkpoint(path: Path, shapes: dict) -> int:
     """Random bf16 tensors written one at a time; returns the file's size."""
     import mlx_diffusion  # noqa: F401  before mlx.core
-    import mlx.core as mx
-    from mlx_diffusion.io.safetensors import SafetensorsWriter
+    from mlx_diffusion.tour import checkpoints
 
-    writer = SafetensorsWriter(path)
-    key = mx.random.key(0)
-    for name, shape in shapes.items():
-        key, k = mx.random.split(key)
-        writer.add(name, mx.random.normal(shape, dtype=mx.bfloat16, key=k) * (0.02 if len(shape) == 2 else 1.0))
-    writer.close()
+    checkpoints.save_safetensors(path, shapes, dtype="bfloat16")
     return path.stat().st_size
 
 
-def tiny_folder(path: Path, head_dim: int) -> Path:
-    """The tiny diffusers FLUX folder; its transformer config gets RoPE axes that fit the real head width."""
-    import tiny_models
+def other_parts(folder: Path) -> dict:
+    """The VAE, CLIP-L and T5 as small single files whose widths fit the transformer (CLIP-L 768, T5 4096, one layer
+    each), so that the conversion's time and memory are the transformer's."""
+    from mlx_diffusion.tour import checkpoints
 
-    src = tiny_models.save(tiny_models.tiny_flux_pipeline(), path)
-    cfg_path = src / "transformer" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["axes_dims_rope"] = [head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16]  # 16, 56, 56 at 128
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    return src
+    return {"vae": checkpoints.save_safetensors(folder / "ae.safetensors", checkpoints.vae(
+                channels=32, multipliers=(1, 1, 1, 1), res_blocks=1), dtype="bfloat16"),
+            "clip_l": checkpoints.save_safetensors(folder / "clip_l.safetensors", checkpoints.clip(layers=1),
+                                                   dtype="bfloat16"),
+            "t5": checkpoints.save_safetensors(folder / "t5xxl_fp16.safetensors", checkpoints.t5_encoder(layers=1),
+                                               dtype="bfloat16")}
 
 
 def _status_kb(field: str) -> int:
@@ -115,7 +74,8 @@ def worker(args):
     sampler.start()
     bits = None if args.bits == "none" else int(args.bits)
     started = time.perf_counter()
-    convert(args.src, args.out, transformer=args.file, bits=bits, progress=False, log=lambda *a: None)
+    parts = json.loads(args.src)
+    convert(None, args.out, transformer=args.file, **parts, bits=bits, progress=False, log=lambda *a: None)
     seconds = time.perf_counter() - started
     done.set()
     sampler.join()
@@ -137,7 +97,9 @@ def main():
     if args.worker:
         return worker(args)
 
-    shapes = flux_shapes(args.layers, args.single_layers, args.heads)
+    from mlx_diffusion.tour import checkpoints
+
+    shapes = checkpoints.flux_transformer(hidden=args.heads * 128, double=args.layers, single=args.single_layers)
     n_params = sum(math.prod(s) for s in shapes.values())
     largest = max(shapes, key=lambda k: math.prod(shapes[k]))
     largest_mb = math.prod(shapes[largest]) * 2 / 1e6
@@ -145,12 +107,12 @@ def main():
     try:
         print(f"FLUX {args.layers} double + {args.single_layers} single blocks, width {args.heads * 128}: "
               f"{n_params / 1e9:.2f} B parameters, in {work}", flush=True)
-        src = tiny_folder(work / "diffusers", 128)
+        src = json.dumps({k: str(v) for k, v in other_parts(work).items()})
         file = work / "flux-bfl.safetensors"
         started = time.perf_counter()
         size = write_checkpoint(file, shapes)
         print(f"wrote {file.name}: {size / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s", flush=True)
-        r = subprocess.run([sys.executable, __file__, "--worker", "--src", str(src), "--file", str(file),
+        r = subprocess.run([sys.executable, __file__, "--worker", "--src", src, "--file", str(file),
                             "--out", str(work / "mlx"), "--bits", args.bits], capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"conversion failed:\n{r.stderr[-4000:]}")

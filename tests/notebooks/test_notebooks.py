@@ -12,8 +12,8 @@ TOUR = sorted(p.name for p in NOTEBOOKS.glob("0*.ipynb"))
 
 
 def test_the_tour_is_there():
-    assert TOUR[:4] == ["01_diffusion_fundamentals.ipynb", "02_architectures.ipynb", "03_flow_matching.ipynb",
-                        "04_sd3.ipynb"]
+    assert TOUR == ["01_diffusion_fundamentals.ipynb", "02_architectures.ipynb", "03_flow_matching.ipynb",
+                    "04_sd3.ipynb", "05_flux_gguf.ipynb", "06_visual_comparison.ipynb"]
 
 
 @pytest.mark.slow
