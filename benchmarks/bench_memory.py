@@ -3,7 +3,7 @@
 without T5: converted folder sizes per component and the peak memory of generating one image.
 
     python benchmarks/bench_memory.py [--family flux sd3] [--bits 4 8] [--size 256] [--steps 1]
-                                      [--max-sequence-length 256] [--workdir DIR] [--keep]
+                                      [--max-sequence-length 256] [--workdir DIR] [--keep] [--tiny]
 
 No real weights can be downloaded here, so the checkpoints are random, written one tensor at a time in the files
 users download (`mlx_diffusion.tour.checkpoints`: BFL's `flux1-schnell.safetensors` and `ae.safetensors`, SAI's
@@ -37,8 +37,18 @@ import mlx_diffusion  # noqa: E402,F401  before mlx.core
 GB = 1e9
 
 
-def write_sources(family: str, work: Path, log) -> dict:
-    """The downloaded files of one family at full size (T5-XXL shared between the two)."""
+# keyword arguments of the tour.checkpoints shape functions: the released sizes, and tiny ones for the test
+FULL = {"t5": {}, "clip_l": {}, "clip_g": dict(hidden=1280, layers=32, projection=True), "vae": {}, "flux": {},
+        "sd3": {}}
+TINY = {"t5": dict(d_model=256, layers=1, heads=2, d_kv=32, d_ff=96), "clip_l": dict(hidden=64, layers=1),
+        "clip_g": dict(hidden=128, layers=1, projection=True),
+        "vae": dict(channels=32, multipliers=(1, 1, 1, 1), res_blocks=1),
+        "flux": dict(hidden=256, double=1, single=1, context_dim=256, pooled_dim=64),
+        "sd3": dict(depth=2, context_dim=256, pooled_dim=192, pos_max=16)}
+
+
+def write_sources(family: str, work: Path, sizes: dict, log) -> dict:
+    """The downloaded files of one family (T5-XXL and CLIP-L shared between the two)."""
     from mlx_diffusion.io.safetensors import SafetensorsWriter
     from mlx_diffusion.tour import checkpoints as ck
 
@@ -50,19 +60,20 @@ def write_sources(family: str, work: Path, log) -> dict:
             log(f"wrote {name}: {path.stat().st_size / GB:.2f} GB in {time.perf_counter() - started:.0f} s")
         return path
 
-    files = {"t5": save("t5xxl.safetensors", ck.t5_encoder()), "clip_l": save("clip_l.safetensors", ck.clip())}
+    files = {"t5": save("t5xxl.safetensors", ck.t5_encoder(**sizes["t5"])),
+             "clip_l": save("clip_l.safetensors", ck.clip(**sizes["clip_l"]))}
     if family == "flux":
-        files["vae"] = save("ae.safetensors", ck.vae())
-        files["transformer"] = save("flux1-schnell.safetensors", ck.flux_transformer())
+        files["vae"] = save("ae.safetensors", ck.vae(**sizes["vae"]))
+        files["transformer"] = save("flux1-schnell.safetensors", ck.flux_transformer(**sizes["flux"]))
     else:
-        files["clip_g"] = save("clip_g.safetensors", ck.clip(hidden=1280, layers=32, projection=True))
+        files["clip_g"] = save("clip_g.safetensors", ck.clip(**sizes["clip_g"]))
         path = work / "sd3_medium.safetensors"
         if not path.exists():
             started = time.perf_counter()
             w = SafetensorsWriter(path)
-            ck.save_safetensors(None, ck.sd3_transformer(), dtype="bfloat16", prefix="model.diffusion_model.",
-                                writer=w)
-            ck.save_safetensors(None, ck.vae(), dtype="bfloat16", prefix="first_stage_model.", writer=w)
+            ck.save_safetensors(None, ck.sd3_transformer(**sizes["sd3"]), dtype="bfloat16",
+                                prefix="model.diffusion_model.", writer=w)
+            ck.save_safetensors(None, ck.vae(**sizes["vae"]), dtype="bfloat16", prefix="first_stage_model.", writer=w)
             w.close()
             log(f"wrote {path.name}: {path.stat().st_size / GB:.2f} GB in {time.perf_counter() - started:.0f} s")
         files["transformer"] = path
@@ -123,6 +134,7 @@ def main():
     p.add_argument("--max-sequence-length", type=int, default=256)
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: the same path in seconds (the test)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--no-t5", action="store_true", help=argparse.SUPPRESS)
@@ -140,7 +152,7 @@ def main():
                         "options": []}
     try:
         for family in args.family:
-            files = write_sources(family, work, log)
+            files = write_sources(family, work, TINY if args.tiny else FULL, log)
             bf16 = result.setdefault("unquantized_gb", {})[family] = unquantized_gb(files, family)
             for bits in args.bits:
                 folder = work / f"{family}-{bits}bit"

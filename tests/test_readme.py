@@ -1,0 +1,205 @@
+"""Every command in the README runs, as a user would type it, on files named as the README names them.
+
+Each line of the README's ```bash blocks (continuations joined, `&&` chains split, comments dropped) runs in a
+sandbox folder that holds what a user would have there: a Hugging Face cache with tiny random diffusers repositories
+under the real repository names (so `convert --model flux-schnell` works offline), and tiny random checkpoints in
+the files users download (`flux1-schnell.safetensors`, `flux1-schnell-Q4_K_S.gguf`, `ae.safetensors`, SAI's SD3
+files, ...; from `mlx_diffusion.tour.checkpoints`). The convert lines are alternatives that make the same folder, so
+each starts from no output folder, as a user choosing one would. ```text blocks are synopses and are not run; the
+```python block runs after the commands. `./setup.sh` and the test command run in CI (`.ci/run`).
+Inline commands with arguments are either run here too or named with the test that runs them.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import helpers  # noqa: F401
+import tiny_models
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+# Inline commands (in `code spans`) with arguments, and the test that runs each ("here": run in the sandbox below).
+INLINE = {
+    'python -c "from PIL import Image; print(Image.open(\'fox.png\').text)"': "here",
+    "python -m mlx_diffusion.tiny.evaluate --prompts 96": "tests/tiny/test_builtin_model.py::test_cli_defaults_to_the_builtin_model",
+    "mlx-diffusion benchmark --steps 8 --compare-diffusers":
+        "tests/tour/test_benchmark.py::test_against_diffusers_on_the_builtin_model",
+    "mlx-diffusion benchmark --preset block --family flux --steps 4 --repeat 2 --compare-diffusers":
+        "tests/tour/test_benchmark.py::test_against_diffusers_on_a_random_preset",
+    "mlx-diffusion benchmark --preset block --family sd3 --steps 4 --repeat 2 --compare-diffusers":
+        "tests/tour/test_benchmark.py::test_against_diffusers_on_a_random_preset",
+    "mlx-diffusion benchmark --preset block --family flux --steps 4 --repeat 2 --compare-diffusers --bits 4":
+        "tests/tour/test_benchmark.py::test_against_diffusers_on_a_random_preset",
+    "python benchmarks/bench_memory.py": "tests/test_readme.py::test_memory_benchmark_runs",
+    "python benchmarks/bench_convert.py": "tests/test_readme.py::test_convert_benchmark_runs",
+}
+_HEAD = re.compile(r"^(python3? -m \S+|python3? -c|python3? \S+\.py|mlx-diffusion(-\w+)?( [a-z]+)?)( |$)")
+
+
+def bash_commands(text: str) -> list[str]:
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        block = re.sub(r"\\\n\s*", " ", block)
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                out += [c.strip() for c in line.split("&&")]
+    return out
+
+
+def inline_commands(text: str) -> list[str]:
+    """Code spans in the prose that are commands with arguments (bare command names are names, not commands)."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = re.findall(r"`([^`\n]+)`", prose)
+    return [s for s in spans if (m := _HEAD.match(s)) and s[m.end():].strip() and " | " not in s]
+
+
+def test_the_readme_has_commands_and_ci_runs_its_test_command():
+    commands = bash_commands(README)
+    assert len(commands) >= 15
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "./setup.sh --test" in ci and "python3 -m pytest -q" in ci
+    assert "./setup.sh --test" in commands and "python3 -m pytest -q" in README
+
+
+def test_every_inline_command_is_run_somewhere():
+    for cmd in inline_commands(README):
+        assert cmd in INLINE, f"README command `{cmd}` is run by no test: add it to INLINE with the test that runs it"
+    for where in set(INLINE.values()) - {"here"}:
+        path, name = where.split("::")
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), where
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sandbox
+
+
+def _fake_hub(cache: Path, repo: str, folder: Path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = cache / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    shutil.move(str(folder), base / "snapshots" / commit)
+
+
+def _tiny_sd3_repo(folder: Path):
+    """SD3 Medium's layout at tiny widths, with a position table that covers its default 1024x1024."""
+    pipe = tiny_models.tiny_sd3_pipeline()
+    pipe.transformer = tiny_models.tiny_sd3_transformer(max_pos=64, sample_size=128)
+    return tiny_models.save(pipe, folder)
+
+
+def _downloads(work: Path, flux_repo: Path):
+    """The single files the README's convert commands name, tiny and random, in their real layouts."""
+    import json
+
+    from mlx_diffusion.io.safetensors import SafetensorsWriter
+    from mlx_diffusion.tour import checkpoints as ck
+
+    # a city96 GGUF to use with the diffusers repository's other components: their widths
+    clip_w = json.loads((flux_repo / "text_encoder" / "config.json").read_text())["hidden_size"]
+    t5_w = json.loads((flux_repo / "text_encoder_2" / "config.json").read_text())["d_model"]
+    ck.write_gguf(work / "flux1-schnell-Q4_K_S.gguf",
+                  ck.tensors(ck.flux_transformer(hidden=256, double=1, single=1, context_dim=t5_w, pooled_dim=clip_w)))
+    # the files FLUX.1 and SD3 users download; one CLIP-L and one T5 file serve both, as they do for real
+    ck.save_safetensors(work / "flux1-schnell.safetensors",
+                        ck.flux_transformer(hidden=256, double=1, single=1, context_dim=256, pooled_dim=64),
+                        dtype="bfloat16")
+    ck.write_gguf(work / "flux1-dev-Q8_0.gguf",
+                  ck.tensors(ck.flux_transformer(hidden=256, double=1, single=1, context_dim=256, pooled_dim=64,
+                                                 guidance=True), seed=1),
+                  types=lambda name, a: ck.city96_type(name, a, "Q8_0"))
+    small_vae = dict(channels=32, multipliers=(1, 1, 1, 1), res_blocks=1)
+    ck.save_safetensors(work / "ae.safetensors", ck.vae(**small_vae))
+    parts = {"clip_l": ck.clip(hidden=64, layers=1), "clip_g": ck.clip(hidden=128, layers=1, projection=True),
+             "t5xxl": ck.t5_encoder(d_model=256, layers=1, heads=2, d_kv=32, d_ff=96)}
+    ck.save_safetensors(work / "clip_l.safetensors", parts["clip_l"])
+    ck.save_safetensors(work / "clip_g.safetensors", parts["clip_g"])
+    ck.save_safetensors(work / "t5xxl_fp16.safetensors", parts["t5xxl"], dtype="float16")
+    sd3 = ck.sd3_transformer(depth=2, context_dim=256, pooled_dim=192, pos_max=64)
+    for name, with_encoders in (("sd3_medium.safetensors", False), ("sd3_medium_incl_clips_t5xxlfp16.safetensors", True)):
+        w = SafetensorsWriter(work / name)
+        ck.save_safetensors(None, sd3, prefix="model.diffusion_model.", writer=w)
+        ck.save_safetensors(None, ck.vae(**small_vae), prefix="first_stage_model.", writer=w)
+        if with_encoders:
+            for part, shapes in parts.items():
+                ck.save_safetensors(None, shapes, prefix=f"text_encoders.{part}.transformer.", writer=w,
+                                    dtype="float16" if part == "t5xxl" else "float32")
+        w.close()
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    work = tmp_path_factory.mktemp("readme")
+    cache = tmp_path_factory.mktemp("hub")
+    repos = {"black-forest-labs/FLUX.1-schnell": tiny_models.save(tiny_models.tiny_flux_pipeline(), work / "s"),
+             "black-forest-labs/FLUX.1-dev": tiny_models.save(tiny_models.tiny_flux_pipeline(dev=True), work / "d"),
+             "stabilityai/stable-diffusion-3-medium-diffusers": _tiny_sd3_repo(work / "m")}
+    _downloads(work, repos["black-forest-labs/FLUX.1-schnell"])
+    for repo, folder in repos.items():
+        _fake_hub(cache, repo, folder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache / "home"),
+           "PYTHONPATH": str(ROOT)}
+    return work, env
+
+
+def _run(args: list[str], work, env):
+    r = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, f"{shlex.join(args)}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(sandbox):
+    work, env = sandbox
+    ran = 0
+    for cmd in bash_commands(README):
+        args = shlex.split(cmd)
+        if args[0] == "./setup.sh" or args[:3] == ["python3", "-m", "pytest"]:
+            continue  # CI runs these (test above)
+        if args[0] in ("python", "python3"):
+            args[0] = sys.executable
+        if args[:2] == ["mlx-diffusion", "convert"] and "-o" in args:
+            shutil.rmtree(work / args[args.index("-o") + 1], ignore_errors=True)  # the alternatives: one each
+        _run(args, work, env)
+        ran += 1
+        for flag in ("-o", "--output"):
+            if flag in args:
+                assert (work / args[args.index(flag) + 1]).exists(), cmd
+    assert ran >= 15
+
+    # the Python example, then the inline commands marked "here"
+    code = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert code
+    for block in code:
+        _run([sys.executable, "-c", block], work, env)
+    for cmd, where in INLINE.items():
+        if where == "here":
+            args = shlex.split(cmd)
+            _run([sys.executable, *args[1:]], work, env)
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--tiny", "--size", "64",
+                        "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| SD3 Medium | 4 | no |" in r.stdout and r.stdout.strip().splitlines()[-1].startswith("{")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_convert_benchmark_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_convert.py"), "--layers", "1",
+                        "--single-layers", "1", "--heads", "2", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "converted at 4 bits" in r.stdout and not list(tmp_path.iterdir())
