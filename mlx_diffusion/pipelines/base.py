@@ -29,10 +29,24 @@ from .settings import GenerationSettings
 
 @dataclass
 class Stats:
+    """Timings and memory of one run: a single image, or a batch of `images` made together (the seconds are the
+    batch's; divide by `images` for one image's share)."""
+
     seconds: dict = field(default_factory=dict)  # text_encoding, denoising, decoding
     step_seconds: list = field(default_factory=list)  # each denoising step
     peak_memory_gb: float = 0.0  # MLX allocator peak
     peak_rss_gb: float = 0.0  # process peak resident set
+    images: int = 1  # how many images the run made together
+
+
+@dataclass(frozen=True)
+class Result:
+    """One image of `Pipeline.generate_many`: the image ("pil" or "np" as its settings say), the resolved settings
+    that make it again, and the stats of the run (batch) it came from."""
+
+    image: object
+    settings: GenerationSettings
+    stats: Stats
 
 
 def peak_rss_gb() -> float:
@@ -71,7 +85,7 @@ class Pipeline:
         self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
         self._models = {}
         self._forwards = {}
-        self.last_stats = Stats()
+        self._last = None
         d = info["defaults"]
         self.default_steps, self.default_guidance = d["steps"], d["guidance"]
         self.default_width, self.default_height = d["width"], d["height"]
@@ -146,6 +160,17 @@ class Pipeline:
         return int(self.vae_config.get("latent_channels", 16))
 
     # -- the run ---------------------------------------------------------------------------------------------------
+    @property
+    def last_settings(self) -> GenerationSettings | None:
+        """The resolved settings of the last image `generate` made (a read-only view; `generate_many` returns them
+        with each image instead)."""
+        return self._last.settings if self._last else None
+
+    @property
+    def last_stats(self) -> Stats:
+        """The stats of the last `generate` call (read-only view)."""
+        return self._last.stats if self._last else Stats()
+
     def generate(self, prompt, *, latents=None, **settings):
         """Generate one image from a prompt (or a GenerationSettings) and any settings by name (GenerationSettings'
         fields: negative_prompt, steps, guidance, width, height, seed, output_type, ...), which replace the object's.
@@ -155,16 +180,65 @@ class Pipeline:
         The resolved settings are in `self.last_settings`, timings and peak memory in `self.last_stats`.
         """
         base = prompt if isinstance(prompt, GenerationSettings) else GenerationSettings(prompt=prompt)
-        s = self.last_settings = self.resolve(base.replace(**settings), latents)
-        stats = self.last_stats = Stats()
+        s = self.resolve(base.replace(**settings), latents)
+        result = self._run([s], None if latents is None else mx.array(np.asarray(latents, dtype=np.float32)))[0]
+        self._last = result
+        return result.image
+
+    def generate_many(self, prompts, *, seeds=None, num_images_per_prompt: int | None = None,
+                      batch_size: int = 1, **settings) -> list[Result]:
+        """Images for every prompt x seed, made `batch_size` at a time through the text encoders, the transformer and
+        the VAE as one batch; returns a `Result` (image, resolved settings, stats) per image, prompt-major.
+
+        `prompts`: a string, a GenerationSettings, or a list of either. `seeds`: the seeds each prompt is drawn with
+        (default: `num_images_per_prompt` random ones, 1 unless given). Other settings by name apply to all. An
+        image from a batch equals the one `generate` makes with its seed, to float rounding.
+        """
+        items = prompts if isinstance(prompts, (list, tuple)) else [prompts]
+        if not items:
+            raise InputError("no prompts given")
+        if seeds is not None and num_images_per_prompt is not None and num_images_per_prompt != len(seeds):
+            raise InputError(f"{len(seeds)} seeds but num_images_per_prompt={num_images_per_prompt}")
+        if seeds is not None and not list(seeds):
+            raise InputError("no seeds given")
+        n = len(seeds) if seeds is not None else (1 if num_images_per_prompt is None else num_images_per_prompt)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(f"num_images_per_prompt must be a positive integer, got {n!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        todo = []
+        for item in items:
+            base = item if isinstance(item, GenerationSettings) else GenerationSettings(prompt=item)
+            base = base.replace(**settings)
+            for i in range(n):
+                todo.append(self.resolve(base if seeds is None else base.replace(seed=seeds[i])))
+        results = []
+        for start in range(0, len(todo), batch_size):  # a batch shares everything but prompts and seeds
+            chunk = todo[start:start + batch_size]
+            groups = {}
+            for s in chunk:
+                groups.setdefault(self._batch_key(s), []).append(s)
+            done = {id(s): r for group in groups.values() for s, r in zip(group, self._run(group))}
+            results += [done[id(s)] for s in chunk]
+        return results
+
+    @staticmethod
+    def _batch_key(s: GenerationSettings):
+        """What images made in one batch must share: all but prompt, negative prompt and seed."""
+        return s.replace(prompt="", negative_prompt=None if s.negative_prompt is None else "", seed=None)
+
+    def _run(self, batch: list[GenerationSettings], latents=None) -> list[Result]:
+        """The three stages for resolved settings that differ only in prompts and seeds, as one batch."""
+        s = batch[0]
+        stats = Stats(images=len(batch))
         mx.reset_peak_memory()
 
         t0 = time.perf_counter()
-        cond = self.encode(s)
+        cond = self.encode(batch)
         stats.seconds["text_encoding"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        noise = self.noise(s) if latents is None else mx.array(np.asarray(latents, dtype=np.float32))
+        noise = latents if latents is not None else mx.concatenate([self.noise(b) for b in batch])
         x, scheduler = self.prepare(noise, s)
         x = x.astype(self.compute_dtype)
         from tqdm import tqdm
@@ -180,12 +254,16 @@ class Pipeline:
         stats.seconds["denoising"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        image = self.decode(self.to_vae_latents(x, s))
+        images = self.decode(self.to_vae_latents(x, s))
         stats.seconds["decoding"] = time.perf_counter() - t0
         stats.peak_memory_gb = mx.get_peak_memory() / (1 << 30)
         stats.peak_rss_gb = peak_rss_gb()
-        image = np.array(image[0].astype(mx.float32))
-        if s.output_type == "np":
+        images = np.array(images.astype(mx.float32))
+        return [Result(self._output(image, b.output_type), b, stats) for image, b in zip(images, batch)]
+
+    @staticmethod
+    def _output(image: np.ndarray, output_type: str):
+        if output_type == "np":
             return image
         from PIL import Image
 
@@ -211,9 +289,10 @@ class Pipeline:
         mx.eval(image)
         return image
 
-    # family hooks, all given the resolved settings
-    def encode(self, s: GenerationSettings):
-        """The prompt's conditioning (and the negative prompt's, where guidance uses it)."""
+    # family hooks, given the resolved settings (`encode`: the batch's; the others: the first, which the batch shares
+    # but for prompts and seeds)
+    def encode(self, batch: list[GenerationSettings]):
+        """The prompts' conditioning (and the negative prompts', where guidance uses them), batched."""
         raise NotImplementedError
 
     def prepare(self, noise, s: GenerationSettings):

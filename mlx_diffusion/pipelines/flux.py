@@ -3,6 +3,7 @@ with RoPE position ids, FLUX.1-dev's embedded guidance, and true classifier-free
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -38,38 +39,40 @@ class FluxPipeline(Pipeline):
             warnings.warn("FLUX ignores the negative prompt unless true_cfg_scale (--true-cfg) is above 1", stacklevel=4)
         return s.replace(true_cfg_scale=scale if scale > 1 and s.negative_prompt is not None else None)
 
-    def _encode_one(self, prompt, t5_length):
+    def _encode(self, prompts, t5_length):
         clip = self.model("text_encoder")
-        ids = mx.array(self.clip_tokenizer([prompt], max_length=self.clip_tokenizer.model_max_length))
+        ids = mx.array(self.clip_tokenizer(prompts, max_length=self.clip_tokenizer.model_max_length))
         pooled = clip(ids).pooler_output
         t5 = self.model("text_encoder_2")
-        seq = t5(mx.array(self.t5_tokenizer([prompt], max_length=t5_length)))
+        seq = t5(mx.array(self.t5_tokenizer(prompts, max_length=t5_length)))
         mx.eval(pooled, seq)
         return seq.astype(self.compute_dtype), pooled.astype(self.compute_dtype)
 
-    def encode(self, s):
-        cond = {"pos": self._encode_one(s.prompt, s.max_sequence_length)}
+    def encode(self, batch):
+        s = batch[0]
+        cond = {"pos": self._encode([b.prompt for b in batch], s.max_sequence_length)}
         if s.true_cfg_scale is not None:  # resolved: above 1, with a negative prompt
-            cond["neg"] = self._encode_one(s.negative_prompt, s.max_sequence_length)
+            cond["neg"] = self._encode([b.negative_prompt for b in batch], s.max_sequence_length)
         if not self.keep_text_encoders:
             self.release("text_encoder", "text_encoder_2")
         return cond
 
     def prepare(self, noise, s):
-        _, _, h, w = noise.shape
         x = pack_latents(noise)
-        self._img_ids, self._txt_ids = prepare_ids(h // 2, w // 2, s.max_sequence_length)
         scheduler = FlowMatchEulerScheduler(self.scheduler_config)
         scheduler.set_timesteps(s.steps, sigmas=np.linspace(1.0, 1 / s.steps, s.steps), mu=scheduler.mu(x.shape[1]))
         return x, scheduler
 
     def predict(self, x, t, cond, s):
         dt = self.compute_dtype
-        timestep = mx.array([t], dtype=dt) / 1000
-        g = mx.array([s.guidance], dtype=mx.float32) if self.is_dev else None
+        batch = x.shape[0]
+        timestep = mx.full((batch,), t, dtype=dt) / 1000
+        g = mx.full((batch,), s.guidance, dtype=mx.float32) if self.is_dev else None
 
-        ids = dict(img_ids=self._img_ids, txt_ids=self._txt_ids)
-        forward = self.forward("transformer", key=(self._img_ids.shape, self._txt_ids.shape), bind=ids)
+        grid = (s.height // self.vae_scale_factor // 2, s.width // self.vae_scale_factor // 2)
+        img_ids, txt_ids = prepare_ids(*grid, s.max_sequence_length)
+        forward = self.forward("transformer", key=(img_ids.shape, txt_ids.shape),
+                               bind=dict(img_ids=img_ids, txt_ids=txt_ids))
 
         def run(seq, pooled):
             return forward(x, seq, pooled, timestep, guidance=g)
@@ -114,11 +117,12 @@ def unpack_latents(x, latent_height: int, latent_width: int, channels_last: bool
     return x.transpose(0, 3, 1, 4, 2, 5).reshape(B, C, 2 * h, 2 * w)
 
 
+@functools.lru_cache(maxsize=8)
 def prepare_ids(height: int, width: int, text_len: int):
     """Position ids for a (height x width) grid of packed tokens (latent size / 2) and text_len text tokens.
 
     Image ids are (0, row, col) in row-major token order (FluxPipeline._prepare_latent_image_ids); text ids are 0.
-    Returns float32 (img_ids (height * width, 3), txt_ids (text_len, 3)).
+    Returns float32 (img_ids (height * width, 3), txt_ids (text_len, 3)); cached, as every step asks for them.
     """
     ids = np.zeros((height, width, 3), dtype=np.float32)
     ids[..., 1] = np.arange(height)[:, None]

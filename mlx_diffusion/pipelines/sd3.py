@@ -64,26 +64,29 @@ class SD3Pipeline(Pipeline):
             raise InputError(f"{self.path} has no T5 (text_encoder_3/): it runs without T5 only")
         return s
 
-    def _t5(self, prompt, length):
+    def _t5(self, prompts, length):
         """T5 and its token ids; the tokenizer is read the first time T5 is used."""
         if self._t5_tokenizer is None:
             self._t5_tokenizer = T5Tokenizer.from_folder(self.path / "tokenizer_3")
-        return self.model("text_encoder_3"), mx.array(self._t5_tokenizer([prompt], max_length=length))
+        return self.model("text_encoder_3"), mx.array(self._t5_tokenizer(prompts, max_length=length))
 
-    def _encode_one(self, prompt, s):
+    def _encode(self, prompts, s):
         clips = (self.model("text_encoder"), self.model("text_encoder_2"))
         length = self.tokenizers[0].model_max_length
-        clip_ids = [mx.array(tok([prompt], max_length=length)) for tok in self.tokenizers]
-        t5, t5_ids = self._t5(prompt, s.max_sequence_length) if s.use_t5 else (None, None)
+        clip_ids = [mx.array(tok(prompts, max_length=length)) for tok in self.tokenizers]
+        t5, t5_ids = self._t5(prompts, s.max_sequence_length) if s.use_t5 else (None, None)
         seq, pooled = prompt_embeds(clips, clip_ids, t5, t5_ids, t5_length=s.max_sequence_length,
                                     width=self.joint_attention_dim)
         mx.eval(seq, pooled)
         return seq.astype(self.compute_dtype), pooled.astype(self.compute_dtype)
 
-    def encode(self, s):
-        seq, pooled = self._encode_one(s.prompt, s)
-        if s.guidance is not None and s.guidance > 1:  # diffusers: CFG with "" as the default negative prompt
-            neg_seq, neg_pooled = self._encode_one(s.negative_prompt or "", s)
+    def encode(self, batch):
+        """(sequence, pooled) of the batch's prompts; with guidance above 1 the negative prompts' first ("" by
+        default, as diffusers), stacked in front: (2B, ...)."""
+        s = batch[0]
+        seq, pooled = self._encode([b.prompt for b in batch], s)
+        if s.guidance is not None and s.guidance > 1:
+            neg_seq, neg_pooled = self._encode([b.negative_prompt or "" for b in batch], s)
             seq, pooled = mx.concatenate([neg_seq, seq]), mx.concatenate([neg_pooled, pooled])
         if not self.keep_text_encoders:
             self.release("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -97,12 +100,13 @@ class SD3Pipeline(Pipeline):
 
     def predict(self, x, t, cond, s):
         seq, pooled = cond
-        cfg = seq.shape[0] == 2
+        batch = x.shape[0]
+        cfg = seq.shape[0] == 2 * batch
         xin = mx.concatenate([x, x]) if cfg else x
         timestep = mx.full((xin.shape[0],), t, dtype=self.compute_dtype)
         v = self.forward("transformer")(xin, seq, pooled, timestep)
         if cfg:
-            uncond, text = v[0:1], v[1:2]
+            uncond, text = v[:batch], v[batch:]
             v = uncond + s.guidance * (text - uncond)
         return v
 

@@ -111,7 +111,8 @@ def test_prompt_embedding_assembly_matches_diffusers(sd3, use_t5):
         pe, npe, pp, npp = pipe.encode_prompt(prompt, prompt, prompt, negative_prompt="ugly",
                                               do_classifier_free_guidance=True)
     with pytest.warns(UserWarning, match="tokens were dropped"):
-        seq, pooled = ours.encode(ours.resolve(GenerationSettings(prompt=prompt, negative_prompt="ugly", guidance=7.0)))
+        settings = ours.resolve(GenerationSettings(prompt=prompt, negative_prompt="ugly", guidance=7.0))
+        seq, pooled = ours.encode([settings])
     assert seq.shape == (2, 77 + 256, 80) and pooled.shape == (2, 72)
     for a, b in ((seq[1], pe[0]), (seq[0], npe[0]), (pooled[1], pp[0]), (pooled[0], npp[0])):
         assert helpers.max_rel_err(a, b) < 1e-5
