@@ -10,6 +10,7 @@ each starts from no output folder, as a user choosing one would. ```text blocks 
 Inline commands with arguments are either run here too or named with the test that runs them.
 """
 
+import json
 import os
 import re
 import shlex
@@ -38,6 +39,7 @@ INLINE = {
     "mlx-diffusion benchmark --preset block --family flux --steps 4 --repeat 2 --compare-diffusers --bits 4":
         "tests/tour/test_benchmark.py::test_against_diffusers_on_a_random_preset",
     "python benchmarks/bench_memory.py": "tests/test_readme.py::test_memory_benchmark_runs",
+    "python benchmarks/bench_batch.py": "tests/test_readme.py::test_batch_benchmark_runs",
     "python3 tools/convert.py": "tests/convert/test_convert_model_names.py::test_model_name_from_offline_cache",
     "mlx-diffusion compare --reference diffusers": "tests/tour/test_compare.py::test_reference_column_equals_ours",
     "python benchmarks/bench_convert.py": "tests/test_readme.py::test_convert_benchmark_runs",
@@ -109,8 +111,6 @@ def _tiny_repo(family: str, folder: Path):
 
 def _downloads(work: Path, flux_repo: Path):
     """The single files the README's convert commands name, tiny and random, in their real layouts."""
-    import json
-
     from mlx_diffusion.io.safetensors import SafetensorsWriter
     from mlx_diffusion.tour import checkpoints as ck
 
@@ -181,11 +181,13 @@ def test_every_readme_command_runs(sandbox):
             args[0] = sys.executable
         if args[:2] == ["mlx-diffusion", "convert"] and "-o" in args:
             shutil.rmtree(work / args[args.index("-o") + 1], ignore_errors=True)  # the alternatives: one each
-        _run(args, work, env)
+        r = _run(args, work, env)
         ran += 1
         for flag in ("-o", "--output"):
             if flag in args:
-                assert (work / args[args.index(flag) + 1]).exists(), cmd
+                out = args[args.index(flag) + 1]
+                written = r.stdout.split() if "{" in out else [out]  # a template: the files it printed
+                assert written and all((work / f).exists() for f in written), cmd
     assert ran >= 15
 
     # the Python example, then the inline commands marked "here"
@@ -215,3 +217,12 @@ def test_convert_benchmark_runs(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "converted at 4 bits" in r.stdout and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_batch_benchmark_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_batch.py"), "--images", "2", "--batch", "2",
+                        "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record["batch"] == 2 and record["speedup"] > 0

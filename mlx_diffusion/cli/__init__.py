@@ -43,6 +43,22 @@ def prompt_options(command):
     return command
 
 
+def seed_list(ctx, param, value):
+    """A click callback: "5", "5,6,7" or a range "0-7" (and mixes) -> a list of seeds; None stays None."""
+    if value is None:
+        return None
+    try:
+        seeds = []
+        for part in str(value).split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise click.BadParameter("a seed, a comma-separated list of seeds or a range, e.g. 5, 0,1 or 0-3") from None
+    if not seeds or any(s < 0 or s >= 2**64 for s in seeds):
+        raise click.BadParameter("seeds are integers from 0 to 2**64 - 1")
+    return seeds
+
+
 def one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else e.__class__.__name__

@@ -16,20 +16,7 @@ from pathlib import Path
 import click
 
 from ..errors import Error
-from . import one_line, prompt_options, run
-
-
-def _seeds(ctx, param, value):
-    try:
-        seeds = []
-        for part in value.split(","):
-            lo, _, hi = part.strip().partition("-")
-            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    except ValueError:
-        raise click.BadParameter("a comma-separated list of seeds or ranges, e.g. 0,1 or 0-3") from None
-    if not seeds or any(s < 0 or s >= 2**64 for s in seeds):
-        raise click.BadParameter("seeds are integers from 0 to 2**64 - 1")
-    return seeds
+from . import one_line, prompt_options, run, seed_list
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +25,7 @@ def _seeds(ctx, param, value):
                    "'built-in' names the built-in model.")
 @click.argument("more_models", nargs=-1, type=click.Path(path_type=Path))
 @prompt_options
-@click.option("--seeds", default="0,1", show_default=True, callback=_seeds, help="Seeds: 0,1 or a range 0-3.")
+@click.option("--seeds", default="0,1", show_default=True, callback=seed_list, help="Seeds: 0,1 or a range 0-3.")
 @click.option("--steps", type=int, default=None, help="Denoising steps for every model [each model's default].")
 @click.option("--guidance", type=float, default=None, help="Guidance for every model [each model's default].")
 @click.option("--size", type=int, default=None, help="Width and height for every model [each model's default].")

@@ -10,6 +10,12 @@ from pathlib import Path
 from ..errors import InputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
+
+
 def write_png(image, path, text: dict[str, str]):
     """A PIL image as PNG at `path`, with `text` as international text chunks."""
     from PIL.PngImagePlugin import PngInfo
@@ -22,6 +28,7 @@ def write_png(image, path, text: dict[str, str]):
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -192,8 +192,15 @@ class Pipeline:
 
         `prompts`: a string, a GenerationSettings, or a list of either. `seeds`: the seeds each prompt is drawn with
         (default: `num_images_per_prompt` random ones, 1 unless given). Other settings by name apply to all. An
-        image from a batch equals the one `generate` makes with its seed, to float rounding.
+        image from a batch equals the one `generate` makes with its seed, to float rounding. Every setting is
+        checked before the first image; `iter_generate` is the same, yielding each batch's results as it is done.
         """
+        return list(self.iter_generate(prompts, seeds=seeds, num_images_per_prompt=num_images_per_prompt,
+                                       batch_size=batch_size, **settings))
+
+    def iter_generate(self, prompts, *, seeds=None, num_images_per_prompt: int | None = None,
+                      batch_size: int = 1, **settings):
+        """`generate_many` as a generator: the checks run at the call, the images as they are consumed."""
         items = prompts if isinstance(prompts, (list, tuple)) else [prompts]
         if not items:
             raise InputError("no prompts given")
@@ -212,15 +219,16 @@ class Pipeline:
             base = base.replace(**settings)
             for i in range(n):
                 todo.append(self.resolve(base if seeds is None else base.replace(seed=seeds[i])))
-        results = []
+        return self._batches(todo, batch_size)
+
+    def _batches(self, todo: list[GenerationSettings], batch_size: int):
         for start in range(0, len(todo), batch_size):  # a batch shares everything but prompts and seeds
             chunk = todo[start:start + batch_size]
             groups = {}
             for s in chunk:
                 groups.setdefault(self._batch_key(s), []).append(s)
             done = {id(s): r for group in groups.values() for s, r in zip(group, self._run(group))}
-            results += [done[id(s)] for s in chunk]
-        return results
+            yield from (done[id(s)] for s in chunk)
 
     @staticmethod
     def _batch_key(s: GenerationSettings):
