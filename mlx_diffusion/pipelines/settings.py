@@ -7,6 +7,7 @@ size, T5 use and length) and draws a seed, and the resolved object is what an im
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -14,6 +15,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from ..errors import InputError
 
 METADATA_KEY = "mlx_diffusion.settings"  # the PNG text chunk with every field as JSON
+# diffusers' keyword names for the same settings (height, width and negative_prompt are the same in both)
+DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,22 @@ class GenerationSettings:
     model: str | None = None  # the model folder that made the image (filled by `resolve`)
 
     def replace(self, **changes) -> "GenerationSettings":
-        """A copy with `changes`; an unknown name is an InputError that lists the known ones."""
+        """A copy with `changes`, by our names or diffusers' (`num_inference_steps`, `guidance_scale`); an unknown
+        name is an InputError that names the closest known one and lists them all."""
+        for theirs, ours in DIFFUSERS_NAMES.items():
+            if theirs in changes:
+                if ours in changes:
+                    raise InputError(f"give {ours} or {theirs}, not both")
+                changes[ours] = changes.pop(theirs)
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise InputError(f"unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+            name = unknown[0]
+            if name == "num_images_per_prompt":
+                raise InputError("generate makes one image: use generate_many(..., num_images_per_prompt=N)")
+            close = difflib.get_close_matches(name, sorted(known | set(DIFFUSERS_NAMES)), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InputError(f"unknown setting {name!r} ({hint}known: {', '.join(sorted(known))})")
         return replace(self, **changes)
 
     def to_metadata(self) -> dict[str, str]:

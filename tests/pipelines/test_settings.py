@@ -67,3 +67,24 @@ def test_broken_metadata():
         GenerationSettings.from_metadata({"mlx_diffusion.settings": "{not json"})
     with pytest.raises(InputError, match="unknown setting"):
         GenerationSettings.from_metadata({"mlx_diffusion.settings": '{"evil": 1}'})
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(num_inference_steps=3), dict(steps=3)),
+    (dict(guidance_scale=4.5, height=32, width=48, negative_prompt="x"),
+     dict(guidance=4.5, height=32, width=48, negative_prompt="x")),
+])
+def test_diffusers_names_are_taken(changes, expected):
+    s = GenerationSettings(prompt="a").replace(**changes)
+    assert all(getattr(s, k) == v for k, v in expected.items())
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(steps=2, num_inference_steps=3), "give steps or num_inference_steps, not both"),
+    (dict(stpes=2), r"unknown setting 'stpes' \(did you mean 'steps'\?"),
+    (dict(guidance_scal=2.0), r"did you mean 'guidance_scale'\?"),
+    (dict(num_images_per_prompt=2), r"generate makes one image: use generate_many\(\.\.\., num_images_per_prompt=N\)"),
+])
+def test_wrong_names_name_the_right_one(changes, match):
+    with pytest.raises(InputError, match=match):
+        GenerationSettings(prompt="a").replace(**changes)
