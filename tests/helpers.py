@@ -82,3 +82,16 @@ def cut_plan(plan, tensors, component: str = "transformer") -> dict:
             if t.component == component:
                 out[t.name] = to_np(t.cut(mx.array(to_np(tensors[original]))))
     return out
+
+
+def fake_hub_cache(cache: Path, repo: str, folder: Path) -> Path:
+    """A Hugging Face hub cache holding a copy of `folder` as the main revision of `repo` (the layout
+    huggingface_hub reads offline); returns the snapshot folder."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = cache / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, base / "snapshots" / commit)
+    return base / "snapshots" / commit

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-import helpers  # noqa: F401
 import tiny_models
+from helpers import fake_hub_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -86,14 +86,6 @@ def test_every_inline_command_is_run_somewhere():
 # the sandbox
 
 
-def _fake_hub(cache: Path, repo: str, folder: Path):
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    base = cache / ("models--" + repo.replace("/", "--"))
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    shutil.move(str(folder), base / "snapshots" / commit)
-
-
 def _tiny_repo(family: str, folder: Path):
     """A released repository's layout at tiny widths; the transformer one block and one head deep, because the
     README's commands run at the released models' default 1024x1024, where attention over 4,096 tokens is the cost;
@@ -150,12 +142,12 @@ def _downloads(work: Path, flux_repo: Path):
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     work = tmp_path_factory.mktemp("readme")
-    cache = tmp_path_factory.mktemp("hub")
-    repos = {"black-forest-labs/FLUX.1-schnell": _tiny_repo("flux", work / "s"),
-             "stabilityai/stable-diffusion-3-medium-diffusers": _tiny_repo("sd3", work / "m")}
+    cache, made = tmp_path_factory.mktemp("hub"), tmp_path_factory.mktemp("repos")
+    repos = {"black-forest-labs/FLUX.1-schnell": _tiny_repo("flux", made / "s"),
+             "stabilityai/stable-diffusion-3-medium-diffusers": _tiny_repo("sd3", made / "m")}
     _downloads(work, repos["black-forest-labs/FLUX.1-schnell"])
     for repo, folder in repos.items():
-        _fake_hub(cache, repo, folder)
+        fake_hub_cache(cache, repo, folder)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache / "home"),
            "PYTHONPATH": str(ROOT)}
     return work, env

@@ -60,11 +60,13 @@ def output_paths(template: str, jobs: list[tuple[str, int]]) -> list[Path]:
 
 
 def read_prompts(path: Path) -> list[str]:
+    from ..errors import InputError
+    from ..tour.prompts import read_file
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise click.BadParameter(f"cannot read {path} ({e.__class__.__name__})", param_hint="--prompt-file") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        prompts = read_file(path)
+    except InputError as e:
+        raise click.BadParameter(str(e), param_hint="--prompt-file") from None
     if not prompts:
         raise click.BadParameter(f"{path} holds no prompt", param_hint="--prompt-file")
     return prompts

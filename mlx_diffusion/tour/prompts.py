@@ -144,6 +144,15 @@ def bank_for(info: dict) -> str:
     return "builtin" if info.get("variant") == "tiny" else "real"
 
 
+def read_file(path) -> list[str]:
+    """A prompt file: one prompt a line; blank lines and lines starting with # are skipped. InputError if unreadable."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path} ({e.__class__.__name__})") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def select(texts=(), file=None, bank_name: str | None = None, category: str | None = None, info: dict | None = None,
            limit: int | None = None) -> list[str]:
     """The prompts a command was given: `texts`, else a file's lines, else a bank (or one of its categories), else a
@@ -151,7 +160,7 @@ def select(texts=(), file=None, bank_name: str | None = None, category: str | No
     if texts:
         chosen = list(texts)
     elif file is not None:
-        chosen = [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        chosen = read_file(file)
     else:
         name = bank_name or bank_for(info or {})
         chosen = [p.text for p in (bank(name, category) if (bank_name or category) else showcase(name))]

@@ -1,22 +1,13 @@
 """`tools/convert.py --model NAME` resolves through huggingface_hub's cache, offline."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers import fake_hub_cache
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _fake_cache(cache: Path, repo: str, folder: Path) -> Path:
-    """A Hugging Face hub cache holding `folder` as the main revision of `repo` (the layout huggingface_hub uses)."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    base = cache / ("models--" + repo.replace("/", "--"))
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, base / "snapshots" / commit)
-    return base / "snapshots" / commit
 
 
 def _convert(*args, cache):
@@ -27,7 +18,7 @@ def _convert(*args, cache):
 
 def test_model_name_from_offline_cache(flux_schnell, tmp_path):
     cache = tmp_path / "cache"
-    snap = _fake_cache(cache, "black-forest-labs/FLUX.1-schnell", flux_schnell[1])
+    snap = fake_hub_cache(cache, "black-forest-labs/FLUX.1-schnell", flux_schnell[1])
     r = _convert("--model", "flux-schnell", "-o", tmp_path / "out", "-q", "none", "--dtype", "float32", "--quiet",
                  cache=cache)
     assert r.returncode == 0, r.stderr
