@@ -17,11 +17,12 @@ MAY_IMPORT = {
     "backends": set(),
     "models": {"backends"},
     "io": {"backends", "models"},
-    "pipelines": {"backends", "models", "io"},
+    "pipelines": {"backends", "models", "io", "convert"},  # convert: only its LoRA reader, only when one is given
     "convert": {"backends", "models", "io"},
     "tour": {"backends", "models", "io", "pipelines"},
     "cli": {"backends", "models", "io", "pipelines", "convert", "tour"},
     "tiny": {"backends", "models", "io", "pipelines", "convert", "cli"},
+    "app": {"backends", "models", "io", "pipelines", "tour", "cli"},
 }
 
 

@@ -23,6 +23,7 @@ import functools
 import os
 import shutil
 import sys
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -143,14 +144,25 @@ def _softmax_numerator(s, row_max):
 
 
 @functools.cache
-def _cpu_streams():
+def _main_streams():
     return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+
+
+def _cpu_streams():
+    """Two CPU streams for attention's chunks to alternate between (FLUX at 512x512: 0.32 vs 0.40 s per call; no
+    gain at 1024x1024), in the main thread only. MLX streams belong to the thread that made them ("There is no
+    Stream(cpu, N) in current thread" elsewhere), and with MLX 0.32 a stream made in a thread that ends can abort the
+    process at exit; so other threads (a web server's workers) use their own default stream for both."""
+    if threading.current_thread() is threading.main_thread():
+        return _main_streams()
+    stream = mx.default_stream(mx.cpu)
+    return stream, stream
 
 
 def attention(q, k, v, scale: float | None = None, max_scores: int = 1 << 22):
     """softmax(q k^T * scale) v for (B, H, L, D) inputs, returned merged as (B, L, H*D). scale=None: D**-0.5.
 
-    On the CPU the work is cut into chunks of one head and as many query rows as keep the chunk's scores within
+    On the CPU the work is cut into chunks of one head and as many query rows as keep a sample's scores within
     `max_scores` values (cache-sized, and a few big GEMMs rather than many thin ones), alternating between two
     streams; in float32 the softmax uses the polynomial exponential above (output relative error ~5e-6) and
     normalises after the second matmul. Elsewhere: `mx.fast.scaled_dot_product_attention`.
@@ -165,7 +177,7 @@ def attention(q, k, v, scale: float | None = None, max_scores: int = 1 << 22):
         q = q * scale
     v = mx.contiguous(v)  # sliced once per chunk below
     fast = _fast(q)
-    rows = max(1, min(L, max_scores // (B * S)))
+    rows = max(1, min(L, max_scores // S))  # per sample: a sample's products must not depend on the batch's size
     heads, n = [], 0
     for h in range(H):
         kt = k[:, h : h + 1].swapaxes(-1, -2)
@@ -184,12 +196,32 @@ def attention(q, k, v, scale: float | None = None, max_scores: int = 1 << 22):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Linear on quantized weights
+# Linear: one product per sample, and on quantized weights
 
 
-# Rows of x up to which the CPU multiplies by the quantized weight directly. Measured on a 2-core x86 (18432 x 3072
-# weight): quantized_matmul takes 66 / 147 / 524 ms for 1 / 2 / 8 rows at 4 bits, dequantize + BLAS ~400 ms whatever
-# the rows. It also keeps the layers fed one vector per image (FLUX's and SD3's modulations, from the timestep
+def linear(x, weight, bias=None):
+    """x @ weight.T (+ bias) for x (B, ..., in) as B products, one per sample, in one MLX call (the weight broadcast
+    over the batch), on every device.
+
+    Why not one product of all B*N rows: a BLAS rounds a row differently depending on how many rows it is given (which
+    rows fall in a full register tile and which in the tail, where the threads split the work), so a sample in a
+    batch got other last bits than alone, which guidance and the sampler amplify: measured, 1 in 120 built-in images
+    made in batches of 3 was more than 1e-4 from the same image made alone. Given one sample's rows per product, a
+    batch's images equal the images made alone bit for bit. Measured on 2 cores: the same speed at real sizes (2 x
+    1024 rows of 3072 -> 3072: 272 vs 270 ms); ~10% slower for 4 x 256 rows of 3072 -> 12288, +0.05 ms per call at
+    the built-in model's sizes."""
+    if x.ndim < 2:
+        return x @ weight.T.astype(x.dtype) + (bias if bias is not None else 0)
+    B, K, O = x.shape[0], x.shape[-1], weight.shape[0]
+    xs = x.reshape(B, -1, K)
+    wt = mx.broadcast_to(weight.T.astype(x.dtype), (B, K, O))
+    y = mx.addmm(bias.astype(x.dtype), xs, wt) if bias is not None else xs @ wt
+    return y.reshape(*x.shape[:-1], O)
+
+
+# Rows of x per sample up to which the CPU multiplies by the quantized weight directly. Measured on a 2-core x86
+# (18432 x 3072 weight): quantized_matmul takes 66 / 147 / 524 ms for 1 / 2 / 8 rows at 4 bits, dequantize + BLAS
+# ~400 ms whatever the rows; its rows do not depend on each other, unlike BLAS's (see `linear`). It also keeps the layers fed one vector per image (FLUX's and SD3's modulations, from the timestep
 # embedding alone) from being dequantized all at once: they depend on nothing MLX must compute first.
 _DIRECT_ROWS = 4
 
@@ -202,10 +234,10 @@ def quantized_linear(x, weight, scales, biases, group_size: int, bits: int):
     The dequantization is made to depend on x: otherwise MLX's scheduler, which runs up to 20 ready operations
     breadth-first, dequantizes the next layers' weights before this one's input exists. Measured on T5-XXL at 4 bits
     (2.9 GB), encoding one prompt: 2.5 GB above the weights without the dependency, 1.3 GB with it, same speed."""
-    if mx.default_device() == mx.gpu or x.size <= _DIRECT_ROWS * x.shape[-1]:
+    if mx.default_device() == mx.gpu or x.size <= _DIRECT_ROWS * x.shape[-1] * x.shape[0]:  # rows per sample
         return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
     w = mx.dequantize(mx.depends(weight, x), scales, biases, group_size=group_size, bits=bits)
-    return x @ w.astype(x.dtype).T
+    return linear(x, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,5 +423,5 @@ def conv2d(x, weight, bias, stride: int = 1, padding=0, upsample: bool = False, 
         B, H, W, C = x.shape
         x = mx.broadcast_to(x[:, :, None, :, None], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
     if weight.shape[1:3] == (1, 1) and stride == 1 and padding == 0:
-        return x @ weight.reshape(weight.shape[0], -1).T + bias
+        return linear(x, weight.reshape(weight.shape[0], -1), bias)
     return mx.conv_general(x, weight, stride=stride, padding=padding) + bias

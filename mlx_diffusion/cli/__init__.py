@@ -4,25 +4,49 @@ user error on one line."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
 from ..errors import Error
 
 
+def _terminated(signum, frame):
+    """SIGTERM (and SIGHUP) as Ctrl-C: every writer removes its temporary files on the way out, as it does for
+    KeyboardInterrupt; the default action would kill the process with them still on disk."""
+    global _signal
+    _signal = signum
+    raise KeyboardInterrupt
+
+
+_signal = signal.SIGINT
+
+
 def run(command, args=None):
-    """Run a click command with every user error on one line ("Error: ..."), no usage banner, no traceback."""
+    """Run a click command with every user error on one line ("Error: ..."), no usage banner, no traceback.
+
+    Interrupted (Ctrl-C, SIGTERM, SIGHUP) it leaves no half-written file and exits 128 + the signal's number; an
+    operating-system error (a full disk, a file-size limit, no permission) is one line too."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                signal.signal(sig, _terminated)
     try:
         command.main(args=args, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted: no half-written file was left", err=True)
+        sys.exit(128 + _signal)
     except click.ClickException as e:
         click.echo(f"Error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except Error as e:  # the package's own errors, should a command not have turned one into a ClickException
         click.echo(f"Error: {one_line(e)}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        click.echo(f"Error: {e.strerror or one_line(e)}{where}; no half-written file was left", err=True)
         sys.exit(1)
 
 
@@ -43,6 +67,9 @@ def prompt_options(command):
     return command
 
 
+MAX_SEEDS = 10_000  # images per command: a range such as 0-10000000000 is a typo, not a plan
+
+
 def seed_list(ctx, param, value):
     """A click callback: "5", "5,6,7" or a range "0-7" (and mixes) -> a list of seeds; None stays None."""
     if value is None:
@@ -51,12 +78,34 @@ def seed_list(ctx, param, value):
         seeds = []
         for part in str(value).split(","):
             lo, _, hi = part.strip().partition("-")
+            if hi and int(hi) - int(lo) >= MAX_SEEDS:
+                raise click.BadParameter(f"at most {MAX_SEEDS} seeds at a time")
             seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            if len(seeds) > MAX_SEEDS:
+                raise click.BadParameter(f"at most {MAX_SEEDS} seeds at a time")
     except ValueError:
         raise click.BadParameter("a seed, a comma-separated list of seeds or a range, e.g. 5, 0,1 or 0-3") from None
     if not seeds or any(s < 0 or s >= 2**64 for s in seeds):
         raise click.BadParameter("seeds are integers from 0 to 2**64 - 1")
     return seeds
+
+
+def lora_list(ctx, param, values):
+    """A click callback: repeated "FILE" or "FILE:SCALE" -> [(Path, scale)] (scale 1.0 when not given; a ":" whose
+    tail is not a number belongs to the file name). The scale's range is checked where LoRAs are read."""
+    from pathlib import Path
+
+    out = []
+    for value in values or ():
+        file, _, scale = value.rpartition(":")
+        try:
+            pair = (Path(file), float(scale)) if file else (Path(value), 1.0)
+        except ValueError:
+            pair = (Path(value), 1.0)
+        if not pair[0].is_file():
+            raise click.BadParameter(f"{pair[0]} " + ("is not a file" if pair[0].exists() else "does not exist"))
+        out.append(pair)
+    return out
 
 
 def one_line(e: BaseException) -> str:
@@ -74,6 +123,7 @@ class _Lazy(click.Group):
         "benchmark": ("mlx_diffusion.cli.benchmark", "Profile a model, optionally against diffusers."),
         "train": ("mlx_diffusion.tiny.train", "Train the built-in model on synthetic scenes."),
         "evaluate": ("mlx_diffusion.tiny.evaluate", "Prompt following of a model trained on synthetic scenes."),
+        "app": ("mlx_diffusion.app", "Serve the web demo (needs the [app] extra: Gradio)."),
     }
 
     def list_commands(self, ctx):

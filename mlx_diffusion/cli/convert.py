@@ -30,7 +30,7 @@ import click
 
 from ..convert import BITS, DTYPES, GROUP_SIZES, MODELS, convert, resolve_model
 from ..errors import Error
-from . import one_line, run
+from . import lora_list, one_line, run
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,9 +50,11 @@ from . import one_line, run
 @click.option("--group-size", default="64", show_default=True, type=click.Choice(list(map(str, GROUP_SIZES))))
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(list(DTYPES)),
               help="dtype of everything not quantized.")
+@click.option("--lora", "loras", multiple=True, callback=lora_list, metavar="FILE[:SCALE]",
+              help="Bake a LoRA into the converted weights (before quantization) at SCALE [1.0]; repeatable.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(source, model_name, out, transformer, vae, clip_l, clip_g, t5, bits, group_size, dtype, force, quiet):
+def main(source, model_name, out, transformer, vae, clip_l, clip_g, t5, bits, group_size, dtype, loras, force, quiet):
     """Convert SOURCE (a diffusers FLUX.1 or SD3 folder, or a single checkpoint file) into an MLX model folder."""
     if source is not None and model_name is not None:
         raise click.UsageError("give either SOURCE or --model NAME")
@@ -63,7 +65,7 @@ def main(source, model_name, out, transformer, vae, clip_l, clip_g, t5, bits, gr
             source = resolve_model(model_name)
         convert(source, out, transformer=transformer, vae=vae, clip_l=clip_l, clip_g=clip_g, t5=t5,
                 bits=None if bits == "none" else int(bits), group_size=int(group_size), dtype=dtype, force=force,
-                progress=not quiet)
+                progress=not quiet, lora=loras)
     except Error as e:
         raise click.ClickException(one_line(e)) from None
 

@@ -1,10 +1,10 @@
 """`mlx-diffusion generate` (also `python -m mlx_diffusion.generate`): prompts -> images, through `load_pipeline`.
 
 One prompt or a file of them (`--prompt-file`), one seed or several (`--seed 5,6,7`, `--seed 0-7`, `--n-images N`),
-made `--batch-size` at a time; `-o` names each file with `{seed}`, `{i}` and `{prompt}`. Each PNG's text chunks hold
-every setting, so an image says how to make it again. User mistakes end with a one-line error and a non-zero exit
-before any long work starts; each image goes to a temporary file in the target folder and is renamed when complete,
-as soon as its batch is done.
+made `--batch-size` at a time; `-o` names each file with `{seed}`, `{i}` and `{prompt}`, and its suffix picks the
+format (PNG, JPEG, WebP). Every image carries its settings (`io.images`), and `--from-metadata` makes one again from
+them, bit for bit. User mistakes end with a one-line error and a non-zero exit before any long work starts; each
+image goes to a temporary file in the target folder and is renamed when complete, as soon as its batch is done.
 """
 
 from __future__ import annotations
@@ -20,18 +20,26 @@ from pathlib import Path
 import click
 
 from ..backends import blas
-from . import one_line, run, seed_list
+from . import MAX_SEEDS, lora_list, one_line, run, seed_list
 
 PLACEHOLDERS = ("{seed}", "{i}", "{prompt}")
 
 
-def _check_output(path: Path):
+def _check_output(path: Path, quality: int | None):
     """Refuse an output we could not write before any work starts (a real write probe: root ignores modes)."""
+    from ..errors import InputError
+    from ..io.images import LOSSY, format_of
+
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise click.BadParameter(f"{path} is a folder", param_hint="--output")
-    if path.suffix.lower() != ".png":
-        raise click.BadParameter(f"{path} must end in .png", param_hint="--output")
+    try:
+        fmt = format_of(path)
+    except InputError as e:
+        raise click.BadParameter(str(e), param_hint="--output") from None
+    if quality is not None and fmt not in LOSSY:
+        raise click.BadParameter(f"--quality is for .jpg and .webp files; {path} is a PNG (lossless)",
+                                 param_hint="--quality")
     if not folder.is_dir():
         raise click.BadParameter(f"folder {folder} does not exist", param_hint="--output")
     try:
@@ -72,6 +80,31 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def read_recorded(path: Path):
+    """(metadata, settings) of --from-metadata's file."""
+    from ..errors import InputError
+    from ..io.images import read_metadata
+    from ..pipelines import GenerationSettings
+
+    try:
+        metadata = read_metadata(path)
+        return metadata, GenerationSettings.from_metadata(metadata)
+    except InputError as e:
+        raise click.BadParameter(one_line(e), param_hint="--from-metadata") from None
+
+
+def recorded_model(model: str | None) -> Path | None:
+    """The model a recorded image names, as a --model value (None: the built-in)."""
+    from ..pipelines import BUILTIN_NAME
+
+    if model in (None, BUILTIN_NAME):
+        return None
+    if not Path(model).is_dir():
+        raise click.BadParameter(f"the image was made with {model}, which is not here: give --model FOLDER",
+                                 param_hint="--from-metadata")
+    return Path(model)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", default=None, type=click.Path(path_type=Path),
               help="A converted model folder: what `convert -o` wrote (convert's --model names a model to download "
@@ -84,26 +117,62 @@ def read_prompts(path: Path) -> list[str]:
 @click.option("--guidance", type=float, default=None, help="Guidance scale [dev 3.5, SD3 and built-in 7.0; unused by schnell].")
 @click.option("--true-cfg", "true_cfg_scale", type=float, default=None,
               help="FLUX only: true classifier-free guidance scale with --negative-prompt (as diffusers' true_cfg_scale).")
+@click.option("--image", "start_image", type=click.Path(path_type=Path), default=None,
+              help="Image-to-image: start from this image (its size, rounded down to a multiple of 16, unless "
+                   "--width/--height resize it).")
+@click.option("--strength", type=float, default=None,
+              help="Image-to-image: how much to change the start image, above 0 and at most 1 [0.6]; 1 ignores it.")
 @click.option("--width", type=int, default=None, help="Image width in pixels [1024; built-in 64].")
 @click.option("--height", type=int, default=None, help="Image height in pixels [1024; built-in 64].")
 @click.option("--seed", "seeds", default=None, callback=seed_list,
               help="Seed, seeds 5,6,7 or a range 0-7, for every prompt [random]; the same seed gives the same image.")
-@click.option("--n-images", type=click.IntRange(min=1), default=None,
+@click.option("--n-images", type=click.IntRange(min=1, max=MAX_SEEDS), default=None,
               help="Images per prompt, with random seeds [1; as many as --seed lists].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Images made together as one batch (faster per image where the model is small, more memory).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images made together as one batch (faster per image where the model is small, more memory) [1].")
 @click.option("--output", "-o", default=None,
-              help="PNG file to write; {seed}, {i} (from 0) and {prompt} (slugged) are filled in [image-{seed}.png].")
+              help="Image file: .png, .jpg or .webp; {seed}, {i} (from 0) and {prompt} (slugged) are filled in "
+                   "[image-{seed}.png].")
+@click.option("--quality", type=click.IntRange(1, 100), default=None, help="JPEG and WebP quality, 1-100 [95].")
+@click.option("--metadata", "sidecar", is_flag=True,
+              help="Also write each image's settings and timings as JSON beside it (out.png -> out.json).")
+@click.option("--from-metadata", "recorded_file", type=click.Path(path_type=Path), default=None,
+              help="Make an image again from the settings in a PNG/JPEG/WebP this wrote (or its JSON); options "
+                   "given here replace the recorded ones.")
+@click.option("--lora", "loras", multiple=True, callback=lora_list, metavar="FILE[:SCALE]",
+              help="A LoRA (.safetensors: diffusers/PEFT, kohya, BFL or XLabs layout) at SCALE [1.0]; repeatable, "
+                   "they add up.")
+@click.option("--cache", type=float, default=None, metavar="THRESHOLD",
+              help="First-block cache, 0 to 1 (e.g. 0.1): on steps where the transformer's first block changed its "
+                   "output by at most this fraction, reuse the other blocks' last result. Faster; the image changes "
+                   "(see the README) [off].")
 @click.option("--no-t5", is_flag=True, help="SD3 only: never load T5; its embedding is zeros (saves ~9.5 GB).")
 @click.option("--quiet", is_flag=True, help="No progress bar or timings.")
-def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true_cfg_scale, width, height, seeds,
-         n_images, batch_size, output, no_t5, quiet):
+def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true_cfg_scale, start_image, strength,
+         width, height, seeds, n_images, batch_size, output, quality, sidecar, recorded_file, loras, cache, no_t5,
+         quiet):
     """Generate images from text prompts."""
     from ..errors import Error
-    from ..io.images import write_png
+    from ..io.images import write_image, write_json
     from ..pipelines import GenerationSettings, load_pipeline
 
     prompts = ([prompt] if prompt is not None else []) + (read_prompts(prompt_file) if prompt_file else [])
+    overrides = {k: v for k, v in dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                       true_cfg_scale=true_cfg_scale, strength=strength, width=width, height=height,
+                                       cache=cache, use_t5=False if no_t5 else None).items() if v is not None}
+    base, metadata = GenerationSettings(), None
+    if recorded_file is not None:
+        metadata, base = read_recorded(recorded_file)
+        if model_path is None:
+            model_path = recorded_model(base.model)
+        if base.seed is None:
+            raise click.BadParameter("the image was made from given latents, not a seed: its settings cannot make "
+                                     "it again", param_hint="--from-metadata")
+        prompts = prompts or [base.prompt]
+        if not loras and base.lora:  # the recorded LoRAs, as the recorded model
+            loras = lora_list(None, None, [f"{file}:{scale}" for file, scale in base.lora])
+        if seeds is None and n_images is None:
+            seeds = [base.seed]
     if not prompts:
         raise click.UsageError("give --prompt TEXT or --prompt-file FILE")
     if seeds is not None and n_images is not None and n_images != len(seeds):
@@ -113,23 +182,46 @@ def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true
     jobs = [(p, s) for p in prompts for s in seeds]
     paths = output_paths(output or "image-{seed}.png", jobs)
     for path in dict.fromkeys(paths):
-        _check_output(path)
-    items = [GenerationSettings(prompt=p, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                                true_cfg_scale=true_cfg_scale, width=width, height=height,
-                                use_t5=False if no_t5 else None) for p in prompts]
+        _check_output(path, quality)
+    # an unchanged replay is made as the original was (in its batch, if it had one), for the same pixels
+    replay = metadata is not None and jobs == [(base.prompt, base.seed)] and not overrides and batch_size is None
+    if start_image is not None:  # read now: a missing or broken file is an error before any work
+        from ..errors import InputError
+        from ..io.images import read_image
+
+        try:
+            start_image = read_image(start_image)
+        except InputError as e:
+            raise click.BadParameter(one_line(e), param_hint="--image") from None
+    items = [base.replace(prompt=p, seed=None, model=None, unused=(), **overrides,
+                          **({"init_image": None} if start_image is not None else {})) for p in prompts]
     say = (lambda *a: None) if quiet else (lambda msg: click.echo(msg, err=True))
     warnings.showwarning = lambda message, *a, **k: click.echo(f"warning: {message}", err=True)
     t0 = time.perf_counter()
     try:
-        pipe = load_pipeline(model_path, progress=not quiet, use_t5=not no_t5)
-        results = pipe.iter_generate(items, seeds=seeds, batch_size=batch_size)
+        pipe = load_pipeline(model_path, progress=not quiet, use_t5=base.use_t5 is not False and not no_t5,
+                             lora=loras)
+        if replay:
+            from ..pipelines.settings import batch_position
+
+            size, _ = batch_position(metadata)
+            if size > 1:
+                say(f"it was made in a batch of {size}: making it again as one, for the same pixels "
+                    f"(--batch-size 1: alone, 1/{size} of the work, the same pixels on the CPU)")
+            results = iter([pipe.replay(metadata, image=start_image)])
+        else:
+            results = pipe.iter_generate(items, seeds=seeds, batch_size=batch_size or 1, image=start_image)
         stats = None
         for path, result in zip(paths, results):
-            write_png(result.image, path, result.settings.to_metadata())
+            write_image(result.image, path, result.metadata(), quality=quality)
+            if sidecar:
+                write_json(path.with_suffix(".json"), result.record())
             if result.stats is not stats:
                 stats = result.stats
                 times = ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in stats.seconds.items())
-                say(f"{times}" + (f" ({stats.images} images)" if stats.images > 1 else ""))
+                cached = f"; first-block cache skipped {stats.cached_calls} transformer calls" if result.settings.cache \
+                    else ""
+                say(f"{times}" + (f" ({stats.images} images)" if stats.images > 1 else "") + cached)
             click.echo(str(path))
     except Error as e:
         raise click.ClickException(one_line(e)) from None

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import WeightsError
@@ -289,12 +290,39 @@ def _clip_projection(f, component, family, kind, config, targets, log):
     return targets, {name: mx.eye(width)}
 
 
-def _write_component(job: _Job, dst: Path, *, bits, group_size, dtype, bar=None, log=print) -> dict:
+def _linear_shapes(job: _Job) -> dict[str, tuple[int, int]]:
+    """{layer: (out, in)} of a job's 2-D weights, from its plan and the source shapes: what a LoRA is checked against."""
+    out = {}
+    for old, targets in job.plan.targets.items():
+        for t in targets:
+            shape = t.out_shape(job.f.shape(old))
+            if t.name.endswith(".weight") and len(shape) == 2:
+                out[t.name.removesuffix(".weight")] = tuple(shape)
+    return out
+
+
+def _lora_deltas(jobs: dict, lora, log) -> dict[str, dict[str, np.ndarray]]:
+    """{component: {weight name: float32 delta}} of LoRA files (`lora.as_list`) to bake into the written weights."""
+    from .lora import read_all
+
+    deltas: dict[str, dict] = {}
+    updates = read_all(lora, {c: _linear_shapes(job) for c, job in jobs.items()})
+    for u in updates:
+        target = deltas.setdefault(u.component, {})
+        name = f"{u.layer}.weight"
+        target[name] = target[name] + u.up @ u.down if name in target else u.up @ u.down
+    log(f"baking {len(lora)} LoRA file(s) into {len({(u.component, u.layer) for u in updates})} layers")
+    return deltas
+
+
+def _write_component(job: _Job, dst: Path, *, bits, group_size, dtype, bar=None, log=print, deltas=None) -> dict:
     """Write a checked job's tensors one at a time into `dst`.
 
     GGUF blocks with an exact MLX affine form are repacked at their own bits; everything else is cast to `dtype` and,
-    where the policy says so, quantized. Returns the component's entry for mlx_diffusion.json.
+    where the policy says so, quantized. `deltas` ({weight name: float32 array}, a baked LoRA) are added first (a GGUF
+    tensor they touch is dequantized and quantized again). Returns the component's entry for mlx_diffusion.json.
     """
+    deltas = deltas or {}
     f, plan, config = job.f, job.plan, job.config
     is_gguf = isinstance(f, GGUFFile)
     requantized, types = [], {}
@@ -307,7 +335,8 @@ def _write_component(job: _Job, dst: Path, *, bits, group_size, dtype, bar=None,
             if qtype is not None:
                 types[qtype] = types.get(qtype, 0) + 1
             packed = None
-            if qtype not in (None, *_FLOAT_TYPES) and bits and len(f.shape(old)) == 2:
+            if qtype not in (None, *_FLOAT_TYPES) and bits and len(f.shape(old)) == 2 \
+                    and not any(t.name in deltas for t in targets):
                 packed = f.repack(old)
             if packed is not None:
                 # GGUF blocks run along rows, so the plan's row slices and swaps apply to the packed rows as they are;
@@ -319,8 +348,11 @@ def _write_component(job: _Job, dst: Path, *, bits, group_size, dtype, bar=None,
             else:
                 a = mx.array(f.get(old)) if is_gguf else f.get(old)
                 for t in targets:
+                    piece = t.cut(a)
+                    if t.name in deltas:
+                        piece = (piece.astype(mx.float32) + mx.array(deltas[t.name])).astype(piece.dtype)
                     # float tensors of a GGUF stay float; its other types are requantized at `bits`
-                    if policy.write(out, t.name, to_mlx_layout(t.name, t.cut(a)),
+                    if policy.write(out, t.name, to_mlx_layout(t.name, piece),
                                     may_quantize=qtype is None or qtype not in _FLOAT_TYPES):
                         if qtype is not None:
                             requantized.append(f"{t.name} ({qtype})")
@@ -353,12 +385,13 @@ def _write_component(job: _Job, dst: Path, *, bits, group_size, dtype, bar=None,
 
 
 def convert(source, out, *, transformer=None, vae=None, clip_l=None, clip_g=None, t5=None, bits: int | None = 4,
-            group_size: int = 64, dtype: str = "bfloat16", force=False, progress=True, log=print) -> Path:
+            group_size: int = 64, dtype: str = "bfloat16", force=False, progress=True, log=print, lora=()) -> Path:
     """Convert `source` into the MLX model folder `out` (see the module docstring).
 
     `source`: a diffusers folder, a single checkpoint file (its transformer, and whatever else a combined file
     holds), or None with `transformer=FILE`. `transformer`, `vae`, `clip_l`, `clip_g`, `t5`: single files that
-    replace (with a folder) or supply (without one) those components.
+    replace (with a folder) or supply (without one) those components. `lora`: LoRA files [(file, scale), ...] baked
+    into the weights before they are quantized (recorded in the info file).
     """
     out = Path(out)
     if bits is not None and bits not in BITS:
@@ -399,6 +432,11 @@ def convert(source, out, *, transformer=None, vae=None, clip_l=None, clip_g=None
     for job in jobs.values():
         job.check()  # every component, before anything is written
     _check_fit(family, jobs)
+    if lora:
+        from .lora import as_list
+
+        lora = as_list(lora)
+    deltas = _lora_deltas(jobs, lora, log) if lora else {}
 
     origin = source or given["transformer"]
     started = time.time()
@@ -408,12 +446,13 @@ def convert(source, out, *, transformer=None, vae=None, clip_l=None, clip_g=None
         with _progress(total, progress, f"converting {origin.name}") as bar:
             for c, job in jobs.items():
                 components[c] = _write_component(job, tmp / c, bits=bits, group_size=group_size,
-                                                 dtype=DTYPES[dtype], bar=bar, log=log)
+                                                 dtype=DTYPES[dtype], bar=bar, log=log, deltas=deltas.get(c))
         for dst, src in copies.items():
             _copy(src, tmp / dst)
         defaults = released_defaults(family, variant, jobs["transformer"].config, jobs["vae"].config)
         write_info(tmp, family=family, variant=variant, source=str(origin.resolve()), bits=bits,
-                   group_size=group_size, dtype=dtype, defaults=defaults, components=components)
+                   group_size=group_size, dtype=dtype, defaults=defaults, components=components,
+                   **({"lora": [[str(Path(f).resolve()), float(s)] for f, s in lora]} if lora else {}))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log(f"wrote {out} ({family} {variant}, {'%d-bit' % bits if bits else dtype}, {size / 1e6:.1f} MB) "
         f"in {time.time() - started:.1f} s")

@@ -289,6 +289,25 @@ def to_diffusers(name_to_shape: dict[str, tuple[int, ...]], components=DEFAULT_C
     return plan
 
 
+def original_layers(name: str):
+    """An original-named transformer layer (`double_blocks.0.img_attn.qkv`, or kohya's
+    `double_blocks_0_img_attn_qkv`) -> ([the diffusers layers it holds, stacked by rows], whether the last takes the
+    remaining rows, whether its (shift, scale) halves swap), or None. The same tables as the weights, with each
+    `.` of a pattern also matching kohya's `_`."""
+    full = name + ".weight"
+    loose = lambda pattern: pattern.replace(r"\.", r"[._]")  # noqa: E731
+    swap = any(re.fullmatch(loose(p), full) for p in SWAPS["transformer"])
+    for pattern, pieces, rest in FUSED["transformer"]:
+        m = re.fullmatch(loose(pattern), full)
+        if m:
+            return [m.expand(p).removesuffix(".weight") for p in pieces], rest, swap
+    for pattern, replacement in RENAMES["transformer"]:
+        m = re.fullmatch(loose(pattern), full)
+        if m:
+            return [m.expand(replacement).removesuffix(".weight")], False, swap
+    return None
+
+
 def indices(names, pattern):
     """Sorted distinct integers captured by `pattern` (group 1) in `names`: block indices."""
     return sorted({int(m.group(1)) for n in names if (m := re.search(pattern, n))})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,8 +46,8 @@ def read_json(path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise WeightsError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, a 5000-digit number, nesting 10^5 deep
+        raise WeightsError(f"{path} is not valid JSON ({' '.join(str(e).split())[:100]})") from None
     except OSError as e:
         raise WeightsError(f"{path} cannot be read ({e.strerror})") from None
     if not isinstance(data, dict):
@@ -110,7 +111,7 @@ def read_info(folder) -> dict:
     path = folder / INFO_FILE
     info = read_json(path)
     version = info.get("format_version", 1)
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise WeightsError(f"{path}: bad format_version {version!r}")
     if version > FORMAT_VERSION:
         raise WeightsError(f"{path}: format {version} is newer than this mlx_diffusion reads ({FORMAT_VERSION}); "
@@ -123,6 +124,10 @@ def read_info(folder) -> dict:
                                  read_json(folder / "vae" / "config.json"))
         info["defaults"] = {**base, **(info.get("defaults") or {})}
     info["defaults"] = _check_defaults(info["defaults"], path)
+    components = info.setdefault("components", {})
+    if not isinstance(components, dict) or not all(isinstance(c, str) and re.fullmatch(r"[a-z0-9_]+", c)
+                                                   for c in components):  # folder names: never a path elsewhere
+        raise WeightsError(f"{path}: malformed components (a map of component folder names)")
     return info
 
 
@@ -147,6 +152,18 @@ def to_mlx_layout(name: str, array):
     return array
 
 
+def _check_finite(name: str, a: mx.array, source: mx.array | None = None):
+    """WeightsError if `a` holds NaN or infinity; `source`: what `a` was cast from, examined only then, to say
+    whether the cast overflowed."""
+    if bool(mx.all(mx.isfinite(a))):
+        return
+    why = ""
+    if source is not None and source.dtype != a.dtype and bool(mx.all(mx.isfinite(source))):
+        why = f" after the cast to {str(a.dtype).split('.')[-1]}"
+    raise WeightsError(f"{name} holds NaN or infinite values{why}: the checkpoint is corrupt or was saved from a "
+                       "diverged model")
+
+
 class ComponentWriter:
     """One component folder in MLX layout: config.json and model.safetensors, with the quantized layers listed in the
     file's metadata (QUANT_KEY: layer -> [bits, group size]), which `load_component` reads back. Which tensors are
@@ -161,12 +178,18 @@ class ComponentWriter:
         self.quantized = {}
 
     def add(self, name: str, a: mx.array):
-        """A tensor as it is, floating-point ones cast to the folder's dtype."""
-        self.writer.add(name, a.astype(self.dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+        """A tensor as it is, floating-point ones cast to the folder's dtype; NaN or infinity is refused."""
+        if mx.issubdtype(a.dtype, mx.floating):
+            cast = a.astype(self.dtype)
+            _check_finite(name, cast, source=a)
+            a = cast
+        self.writer.add(name, a)
 
     def add_quantized(self, name: str, wq, scales, biases, bits: int, group_size: int):
         """A Linear `name` (".weight") in MLX's affine form."""
         layer = name[: -len(".weight")]
+        _check_finite(name, scales)
+        _check_finite(name, biases)
         self.writer.add(name, wq)
         self.writer.add(layer + ".scales", scales)
         self.writer.add(layer + ".biases", biases)
@@ -185,7 +208,7 @@ def _quantized_layers(f: SafetensorsFile) -> dict:
     try:
         layers = json.loads(f.metadata.get(QUANT_KEY, "{}"))
         return {k: (int(v[0]), int(v[1])) for k, v in layers.items()}
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError):
         raise WeightsError(f"{f.path}: malformed {QUANT_KEY} metadata") from None
 
 
@@ -209,8 +232,30 @@ def load_component(folder, dtype=None):
         model.load_weights(weights, strict=True)
     except ValueError as e:
         raise WeightsError(f"{folder}: weights do not fit the model built from its config.json ({e})") from None
-    mx.eval(model.parameters())
+    floats = [(n, a) for n, a in weights if mx.issubdtype(a.dtype, mx.floating)]
+    finite = [mx.all(mx.isfinite(a)) for _, a in floats]  # one pass, made with the load
+    mx.eval(model.parameters(), finite)
+    bad = [n for (n, _), ok in zip(floats, finite) if not ok.item()]
+    if bad:
+        more = f" and {len(bad) - 1} more tensors hold" if len(bad) > 1 else " holds"
+        raise WeightsError(f"{folder}: {bad[0]}{more} NaN or infinite values: the folder is corrupt or was converted "
+                           "from a broken model")
     return model.eval()
+
+
+def linear_shapes(folder) -> dict[str, tuple[int, int]]:
+    """{layer: (out, in)} of a component folder's 2-D weights (Linear layers, quantized ones unpacked), from its file's
+    header alone: what a LoRA is checked against before anything is loaded."""
+    f = SafetensorsFile(Path(folder) / WEIGHTS_FILE)
+    layers = _quantized_layers(f)
+    out = {}
+    for name in f.keys():
+        layer, _, leaf = name.rpartition(".")
+        shape = f.shape(name)
+        if leaf == "weight" and len(shape) == 2:
+            bits = layers[layer][0] if layer in layers else None
+            out[layer] = (shape[0], shape[1] * 32 // bits if bits else shape[1])
+    return out
 
 
 def reference_arrays(folder) -> dict[str, np.ndarray]:

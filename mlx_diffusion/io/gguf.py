@@ -13,13 +13,16 @@ code) is exact in float32, so `scale * q + bias` is bit-identical to gguf-py's r
 Block layouts follow ggml (ggml-common.h); dims in the file are in ggml order (fastest first), reported here in
 numpy order.
 
-gguf-py's reader memory-maps the whole file; it is used for the header only. Tensor data are read with positioned
-reads (as `SafetensorsFile` does): every page touched through a map stays counted in the process's RSS until
-the map goes, so reading a 12 GB file through it would look like 12 GB of memory.
+The header is parsed here, every count and length checked against the file's size before it is used (gguf-py's reader
+maps the file and makes a Python object per metadata element, however many a header claims). Tensor data are read
+with positioned reads (as `SafetensorsFile` does), not through a memory map, whose touched pages stay counted in the
+process's RSS: reading a 12 GB file through one would look like 12 GB of memory.
 """
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,7 @@ BLOCKS = {
 }
 AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
 GROUP_SIZE = 32
+_MAX_HEADER = 512 << 20  # bytes of header read at most (metadata with a whole tokenizer is ~10-50 MB)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,32 +232,164 @@ def repack(raw: np.ndarray, qtype: str):
 # files
 
 
+# ggml type ids (ggml.h) of the tensor types decoded here; other ids are named in the error when known
+_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
+               12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
+_OTHER_GGML_TYPES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
+                     21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+                     29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+# metadata value types: id -> struct format of one scalar (8: string, 9: array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 8
+_KEPT_ARRAY = 1024  # metadata arrays longer than this are skipped, not kept (tokenizer vocabularies)
+
+
+class _Header:
+    """A bounded reader of a GGUF header: every length and count is checked against the bytes the file has left
+    before anything is read, allocated or looped over, so a corrupt or hostile header fails fast with a
+    WeightsError. Reads the file in growing pieces, as far as the header goes."""
+
+    def __init__(self, f, size: int, path: Path):
+        self.f, self.size, self.path = f, size, path
+        self.data, self.pos = b"", 0
+
+    def fail(self, why: str):
+        raise WeightsError(f"{self.path}: not a valid GGUF file ({why})")
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            self.fail(f"truncated: {what} runs past the end of the file")
+        if self.pos + n > len(self.data):
+            if self.pos + n > _MAX_HEADER:
+                self.fail(f"the header is over {_MAX_HEADER >> 20} MB")
+            want = min(self.size, _MAX_HEADER, max(self.pos + n, 2 * len(self.data), 1 << 20))
+            self.f.seek(len(self.data))
+            self.data += self.f.read(want - len(self.data))
+            if self.pos + n > len(self.data):
+                self.fail(f"truncated: {what} runs past the end of the file")
+        b = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def scalar(self, fmt: str, what: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", what)
+        try:
+            return self.take(n, what).decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} is not UTF-8")
+
+    def value(self, vtype: int, what: str):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            etype, count = self.scalar("<I", what), self.scalar("<Q", what)
+            if etype == _ARRAY:
+                self.fail(f"{what} is an array of arrays")
+            if etype not in _SCALARS and etype != _STRING:
+                self.fail(f"{what} has unknown element type {etype}")
+            least = struct.calcsize(_SCALARS[etype]) if etype in _SCALARS else 8
+            if count > (len(self.data) - self.pos) // least:
+                self.fail(f"{what} claims {count} elements, more than the file holds")
+            if etype in _SCALARS:
+                raw = self.take(count * least, what)
+                return list(struct.unpack(f"<{count}{_SCALARS[etype][1]}", raw)) if count <= _KEPT_ARRAY else None
+            items = [self.string(what) for _ in range(count)]
+            return items if count <= _KEPT_ARRAY else None
+        self.fail(f"{what} has unknown value type {vtype}")
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    qtype: str
+    shape: tuple  # numpy order
+    offset: int  # absolute, in the file
+    n_bytes: int
+
+
 class GGUFFile:
-    """A .gguf file: tensor names, numpy-order shapes and types, metadata; tensors read and decoded one at a time."""
+    """A .gguf file: tensor names, numpy-order shapes and types, metadata; tensors read and decoded one at a time.
+
+    The header is parsed here (version 2 and 3, little-endian), bounded by the file's size: gguf-py's reader maps the
+    file and turns every metadata element into Python objects, so a header claiming 2^40 array elements would
+    run for hours; here it is refused in microseconds."""
 
     def __init__(self, path):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightsError(f"{self.path}: file not found")
+        size = self.path.stat().st_size
         try:
-            reader = gguf.GGUFReader(self.path, "r")
-        except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:
-            # truncated files fail inside the reader while reshaping a tensor or field that runs past the end
-            why = (str(e).splitlines() or [e.__class__.__name__])[0]
-            raise WeightsError(f"{self.path}: not a valid GGUF file or truncated ({why})") from None
-        if reader.byte_order == "S":
+            with open(self.path, "rb") as f:
+                self._read_header(f, size)
+        except OSError as e:
+            raise WeightsError(f"{self.path}: cannot read ({e.strerror or e.__class__.__name__})") from None
+
+    def _read_header(self, f, size: int):
+        head = _Header(f, size, self.path)
+        if size < 24 or head.take(4, "magic") != b"GGUF":
+            raise WeightsError(f"{self.path}: not a valid GGUF file (no GGUF magic)")
+        version, n_tensors, n_kv = struct.unpack("<IQQ", head.take(20, "header"))
+        if version & 0xFFFF == 0 and version:
             raise WeightsError(f"{self.path}: big-endian GGUF files are not supported")
-        self._reader = reader
-        self._tensors = {t.name: t for t in reader.tensors}
-        for t in reader.tensors:
-            if t.tensor_type.name not in BLOCKS:
-                raise WeightsError(
-                    f"{self.path}: tensor {t.name} has unsupported GGUF type {t.tensor_type.name} "
-                    f"(supported: {', '.join(BLOCKS)})"
-                )
-        self.metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        if version not in (2, 3):
+            raise WeightsError(f"{self.path}: GGUF version {version} is not supported (2 and 3 are)")
+        # a key-value pair takes at least 12 bytes and a tensor's info at least 28: counts beyond what the file could
+        # hold are refused before any loop
+        if n_kv > size // 12 or n_tensors > size // 28:
+            head.fail("its counts exceed what the file holds")
+        self.metadata = {}
+        for i in range(n_kv):
+            key = head.string(f"metadata key {i}")
+            vtype = head.scalar("<I", f"metadata {key!r}")
+            value = head.value(vtype, f"metadata {key!r}")
+            if value is not None:
+                self.metadata[key] = value
+        alignment = self.metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 1 << 16 \
+                or alignment & (alignment - 1):
+            head.fail(f"general.alignment {alignment!r} is not a power of two")
+        infos = []
+        for i in range(n_tensors):
+            name = head.string(f"tensor {i}'s name")
+            n_dims = head.scalar("<I", f"tensor {name!r}")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                head.fail(f"tensor {name!r} has {n_dims} dimensions")
+            dims = struct.unpack(f"<{n_dims}Q", head.take(8 * n_dims, f"tensor {name!r}"))
+            type_id = head.scalar("<I", f"tensor {name!r}")
+            offset = head.scalar("<Q", f"tensor {name!r}")
+            infos.append((name, dims, type_id, offset))
+        data_start = -(-head.pos // alignment) * alignment
+        self._tensors = {}
+        for name, dims, type_id, offset in infos:
+            if name in self._tensors:
+                head.fail(f"tensor {name!r} appears twice")
+            qtype = _GGML_TYPES.get(type_id)
+            if qtype is None:
+                known = _OTHER_GGML_TYPES.get(type_id, f"id {type_id}")
+                raise WeightsError(f"{self.path}: tensor {name} has unsupported GGUF type {known} "
+                                   f"(supported: {', '.join(BLOCKS)})")
+            block, block_bytes = BLOCKS[qtype]
+            if dims[0] % block:
+                head.fail(f"tensor {name!r}: a row of {dims[0]} is not a whole number of {qtype} blocks")
+            n_elements = 1
+            for d in dims:
+                n_elements *= d
+            n_bytes = n_elements // block * block_bytes
+            start = data_start + offset
+            if offset % alignment or start + n_bytes > size:
+                raise WeightsError(f"{self.path}: file is truncated or corrupt ({name} lies past its end "
+                                   f"or off its alignment)")
+            self._tensors[name] = _TensorInfo(qtype, tuple(reversed(dims)), start, n_bytes)
+        ends = sorted((t.offset, t.offset + t.n_bytes, name) for name, t in self._tensors.items())
+        for (_, end, a), (begin, _, b) in zip(ends, ends[1:]):
+            if begin < end:
+                head.fail(f"tensors {a!r} and {b!r} overlap")
 
     def keys(self):
         return self._tensors.keys()
@@ -262,28 +398,30 @@ class GGUFFile:
         return name in self._tensors
 
     def shape(self, name) -> tuple:
-        return tuple(int(x) for x in reversed(self._tensors[name].shape.tolist()))
+        return self._tensors[name].shape
 
     def qtype(self, name) -> str:
-        return self._tensors[name].tensor_type.name
+        return self._tensors[name].qtype
 
     def raw(self, name) -> np.ndarray:
-        """The stored data read from disk: shaped (..., row_bytes) uint8 for block types, typed for F32/F16."""
+        """The stored data read from disk: typed and shaped for F32/F16, (..., row_bytes) uint8 for the others."""
         t = self._tensors[name]
-        layout = t.data  # a view into the reader's map: its shape and dtype only, no page is read
-        buf = bytearray(int(t.n_bytes))
+        buf = bytearray(t.n_bytes)
         view, done = memoryview(buf), 0
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(int(t.data_offset))
+            f.seek(t.offset)
             while done < len(buf):  # one read may stop short (2 GiB at most on macOS)
                 n = f.readinto(view[done:])
                 if not n:
                     raise WeightsError(f"{self.path}: file is truncated ({name} lies past its end)")
                 done += n
-        return np.frombuffer(buf, dtype=layout.dtype).reshape(layout.shape)
+        if t.qtype in ("F32", "F16"):
+            return np.frombuffer(buf, dtype=np.float32 if t.qtype == "F32" else np.float16).reshape(t.shape)
+        block, block_bytes = BLOCKS[t.qtype]
+        return np.frombuffer(buf, dtype=np.uint8).reshape(*t.shape[:-1], t.shape[-1] // block * block_bytes)
 
     def nbytes(self, name) -> int:
-        return int(self._tensors[name].n_bytes)
+        return self._tensors[name].n_bytes
 
     def get(self, name) -> np.ndarray:
         """The tensor decoded to float32 in numpy order."""

@@ -30,6 +30,33 @@ _MX_TO_ST = {
 }
 
 
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+_MAX_DIMS = 16
+
+
+def _check_entry(path, name: str, info, data_bytes: int):
+    """A header entry is {"dtype": known, "shape": [ints >= 0], "data_offsets": [begin, end]} inside the data, whose
+    byte count is the shape's: checked with Python integers, so no claimed size can overflow or be allocated."""
+    if not isinstance(info, dict):
+        raise WeightsError(f"{path}: tensor {name} has a malformed header entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise WeightsError(f"{path}: tensor {name} has unsupported dtype {str(dtype)[:20]}")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise WeightsError(f"{path}: tensor {name} has a malformed shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise WeightsError(f"{path}: tensor {name} has malformed data offsets")
+    if offsets[1] > data_bytes:
+        raise WeightsError(f"{path}: file is truncated ({name} lies past its end)")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * np.dtype(_ST_DTYPES[dtype]).itemsize != offsets[1] - offsets[0]:
+        raise WeightsError(f"{path}: tensor {name} has a size that does not match its shape")
+
+
 class SafetensorsFile:
     """A safetensors file: names, shapes and dtypes from the header, tensors read one at a time."""
 
@@ -42,25 +69,29 @@ class SafetensorsFile:
                 if len(head) < 8:
                     raise WeightsError(f"{self.path}: not a safetensors file (truncated header)")
                 (n,) = struct.unpack("<Q", head)
-                if n > min(size - 8, 100 << 20):
+                if n > min(size - 8, _MAX_HEADER):
                     raise WeightsError(f"{self.path}: not a safetensors file (bad header length)")
                 header = json.loads(f.read(n))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except WeightsError:
+            raise
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, a 5000-digit number
             if isinstance(e, FileNotFoundError):
                 raise WeightsError(f"{self.path}: file not found") from None
             raise WeightsError(f"{self.path}: not a valid safetensors file ({e.__class__.__name__})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            raise WeightsError(f"{self.path}: not a valid safetensors file (its header is not a JSON object)")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise WeightsError(f"{self.path}: malformed __metadata__ (must map names to strings)")
+        self.metadata = metadata
         self._start = 8 + n
         self._info = header
         for name, info in header.items():
-            begin, end = info["data_offsets"]
-            if info["dtype"] not in _ST_DTYPES:
-                raise WeightsError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
-            if self._start + end > size:
-                raise WeightsError(f"{self.path}: file is truncated ({name} lies past its end)")
-            count = int(np.prod(info["shape"], dtype=np.int64))
-            if count * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize != end - begin:
-                raise WeightsError(f"{self.path}: tensor {name} has a size that does not match its shape")
+            _check_entry(self.path, name, info, size - self._start)
+        spans = sorted((info["data_offsets"][0], info["data_offsets"][1], name) for name, info in header.items())
+        for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+            if begin < end:
+                raise WeightsError(f"{self.path}: tensors {a} and {b} overlap in the file")
 
     def keys(self):
         return self._info.keys()
@@ -112,8 +143,11 @@ class Checkpoint:
         if indexes:
             try:
                 weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise WeightsError(f"{indexes[0]}: malformed index ({e})") from None
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
+                    raise ValueError("weight_map must map names to file names in the folder")
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+                raise WeightsError(f"{indexes[0]}: malformed index ({' '.join(str(e).split())[:80]})") from None
             names = sorted(set(weight_map.values()))
             missing = [n for n in names if not (folder / n).exists()]
             if missing:

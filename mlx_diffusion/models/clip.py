@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 from ..backends import cpu
 from .config import config_kwargs
+from .layers import Linear
 
 
 @dataclass
@@ -87,10 +88,10 @@ class CLIPAttention(nn.Module):
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.scale = (d // self.num_heads) ** -0.5
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def __call__(self, x: mx.array) -> mx.array:
         B, T, _ = x.shape
@@ -107,8 +108,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.act = _ACTIVATIONS[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(self.act(self.fc1(x)))
@@ -159,7 +160,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
         if config.with_projection if with_projection is None else with_projection:
-            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+            self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def _eos_positions(self, input_ids: mx.array) -> mx.array:
         # transformers: configs with the pre-2023 eos_token_id 2 pool at argmax(ids) (the EOS token has the largest

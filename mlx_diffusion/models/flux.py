@@ -24,6 +24,7 @@ from .layers import (
     AdaLayerNormZeroSingle,
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
+    Linear,
     apply_rope,
     gated_residual,
     gelu_tanh,
@@ -83,18 +84,18 @@ class FluxAttention(nn.Module):
         inner = heads * head_dim
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
+        self.to_q = Linear(dim, inner)
+        self.to_k = Linear(dim, inner)
+        self.to_v = Linear(dim, inner)
         if not pre_only:
-            self.to_out = [nn.Linear(inner, dim)]
+            self.to_out = [Linear(inner, dim)]
         if context:
             self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
             self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
-            self.add_q_proj = nn.Linear(dim, inner)
-            self.add_k_proj = nn.Linear(dim, inner)
-            self.add_v_proj = nn.Linear(dim, inner)
-            self.to_add_out = nn.Linear(inner, dim)
+            self.add_q_proj = Linear(dim, inner)
+            self.add_k_proj = Linear(dim, inner)
+            self.add_v_proj = Linear(dim, inner)
+            self.to_add_out = Linear(inner, dim)
 
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
         B, L, _ = x.shape
@@ -149,8 +150,8 @@ class FluxSingleTransformerBlock(nn.Module):
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
         self.norm = AdaLayerNormZeroSingle(dim)
-        self.proj_mlp = nn.Linear(dim, mlp_dim)
-        self.proj_out = nn.Linear(dim + mlp_dim, dim)
+        self.proj_mlp = Linear(dim, mlp_dim)
+        self.proj_out = Linear(dim + mlp_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, pre_only=True)
 
     def __call__(self, x, temb, freqs):
@@ -171,14 +172,14 @@ class FluxTransformer2DModel(nn.Module):
         if sum(c.axes_dims_rope) != head_dim:
             raise ValueError(f"axes_dims_rope {c.axes_dims_rope} must sum to attention_head_dim {head_dim}")
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, c.pooled_projection_dim, c.guidance_embeds)
-        self.context_embedder = nn.Linear(c.joint_attention_dim, dim)
-        self.x_embedder = nn.Linear(c.in_channels, dim)
+        self.context_embedder = Linear(c.joint_attention_dim, dim)
+        self.x_embedder = Linear(c.in_channels, dim)
         self.transformer_blocks = [FluxTransformerBlock(dim, heads, head_dim) for _ in range(c.num_layers)]
         self.single_transformer_blocks = [
             FluxSingleTransformerBlock(dim, heads, head_dim) for _ in range(c.num_single_layers)
         ]
         self.norm_out = AdaLayerNormContinuous(dim, dim, eps=1e-6)
-        self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * c.output_channels)
+        self.proj_out = Linear(dim, c.patch_size * c.patch_size * c.output_channels)
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                  guidance=None):
@@ -189,24 +190,44 @@ class FluxTransformer2DModel(nn.Module):
         txt_ids (T, 3) (a leading batch axis is dropped, as diffusers does); guidance (B,) the guidance scale for
         guidance-distilled models (dev; required there, ignored otherwise). Returns (B, L, patch_size² * out_channels).
         """
+        x_in, x, c, temb = self.first_block(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                            img_ids, txt_ids, guidance)
+        return self.output(self.remaining_blocks(x, c, temb, img_ids, txt_ids), temb)
+
+    # The forward in three parts, for the first-block cache (pipelines/step_cache.py), which looks at how much the
+    # first block changed the image stream before deciding whether to run the rest.
+    def first_block(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                    guidance=None):
+        """(image stream into the first double block, image and text streams out of it, the conditioning)."""
         x = self.x_embedder(hidden_states)
         timestep = timestep.astype(x.dtype) * 1000
         if guidance is not None:
             guidance = guidance.astype(x.dtype) * 1000
         temb = self.time_text_embed(timestep, pooled_projections, guidance)
         c = self.context_embedder(encoder_hidden_states)
+        if not self.transformer_blocks:
+            return x, x, c, temb
+        c2, x2 = self.transformer_blocks[0](x, c, temb, self._freqs(img_ids, txt_ids))
+        return x, x2, c2, temb
 
-        ids = np.concatenate([_ids2d(txt_ids), _ids2d(img_ids)], axis=0)
-        k_freqs = rope(ids, self.config.axes_dims_rope)
-        freqs = (tuple(t * self.config.attention_head_dim**-0.5 for t in k_freqs), k_freqs)
-
-        for block in self.transformer_blocks:
+    def remaining_blocks(self, x, c, temb, img_ids, txt_ids):
+        """The image stream after every block but the first."""
+        freqs = self._freqs(img_ids, txt_ids)
+        for block in self.transformer_blocks[1:]:
             c, x = block(x, c, temb, freqs)
         T = c.shape[1]
         x = mx.concatenate([c, x], axis=1)
         for block in self.single_transformer_blocks:
             x = block(x, temb, freqs)
-        return self.proj_out(self.norm_out(x[:, T:], temb))
+        return x[:, T:]
+
+    def output(self, x, temb):
+        return self.proj_out(self.norm_out(x, temb))
+
+    def _freqs(self, img_ids, txt_ids):
+        ids = np.concatenate([_ids2d(txt_ids), _ids2d(img_ids)], axis=0)
+        k_freqs = rope(ids, self.config.axes_dims_rope)
+        return tuple(t * self.config.attention_head_dim**-0.5 for t in k_freqs), k_freqs
 
 
 def _ids2d(ids) -> np.ndarray:

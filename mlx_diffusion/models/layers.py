@@ -22,6 +22,14 @@ from ..errors import WeightsError
 gelu_tanh = cpu.gelu_tanh
 
 
+class Linear(nn.Linear):
+    """nn.Linear computed one sample at a time (`backends.cpu.linear`), so that an image made in a batch equals the
+    image made alone. Every model's Linear layers are this one."""
+
+    def __call__(self, x):
+        return cpu.linear(x, self["weight"], self.get("bias"))
+
+
 @cpu.compile
 def _gated_add(x, gate, y):
     return x + gate * y
@@ -92,8 +100,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
-        self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
+        self.linear_1 = Linear(in_channels, time_embed_dim)
+        self.linear_2 = Linear(time_embed_dim, out_dim or time_embed_dim)
 
     def __call__(self, x):
         return self.linear_2(nn.silu(self.linear_1(x)))
@@ -107,8 +115,8 @@ class PixArtAlphaTextProjection(nn.Module):
         if act_fn not in ("gelu_tanh", "silu"):
             raise ValueError(f"unknown activation {act_fn!r}")
         self.act_fn = act_fn
-        self.linear_1 = nn.Linear(in_features, hidden_size)
-        self.linear_2 = nn.Linear(hidden_size, out_features or hidden_size)
+        self.linear_1 = Linear(in_features, hidden_size)
+        self.linear_2 = Linear(hidden_size, out_features or hidden_size)
 
     def __call__(self, x):
         h = self.linear_1(x)
@@ -151,7 +159,7 @@ class AdaLayerNormZero(nn.Module):
 
     def __init__(self, dim: int, bias: bool = True):
         super().__init__()
-        self.linear = nn.Linear(dim, 6 * dim, bias=bias)
+        self.linear = Linear(dim, 6 * dim, bias=bias)
 
     def __call__(self, x, emb):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mx.split(self.linear(nn.silu(emb)), 6, -1)
@@ -163,7 +171,7 @@ class AdaLayerNormZeroSingle(nn.Module):
 
     def __init__(self, dim: int, bias: bool = True):
         super().__init__()
-        self.linear = nn.Linear(dim, 3 * dim, bias=bias)
+        self.linear = Linear(dim, 3 * dim, bias=bias)
 
     def __call__(self, x, emb):
         shift, scale, gate = mx.split(self.linear(nn.silu(emb)), 3, -1)
@@ -179,7 +187,7 @@ class AdaLayerNormContinuous(nn.Module):
     def __init__(self, embedding_dim: int, conditioning_embedding_dim: int, eps: float = 1e-6, bias: bool = True):
         super().__init__()
         self.eps = eps
-        self.linear = nn.Linear(conditioning_embedding_dim, 2 * embedding_dim, bias=bias)
+        self.linear = Linear(conditioning_embedding_dim, 2 * embedding_dim, bias=bias)
 
     def __call__(self, x, cond):
         scale, shift = mx.split(self.linear(nn.silu(cond).astype(x.dtype)), 2, -1)
@@ -191,7 +199,7 @@ class GELU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out, bias=bias)
+        self.proj = Linear(dim_in, dim_out, bias=bias)
 
     def __call__(self, x):
         return gelu_tanh(self.proj(x))
@@ -205,7 +213,7 @@ class FeedForward(nn.Module):
         super().__init__()
         inner_dim = inner_dim or int(dim * mult)
         # net.1 is diffusers' Dropout: no parameters, kept so the names line up.
-        self.net = [GELU(dim, inner_dim, bias=bias), nn.Dropout(0.0), nn.Linear(inner_dim, dim_out or dim, bias=bias)]
+        self.net = [GELU(dim, inner_dim, bias=bias), nn.Dropout(0.0), Linear(inner_dim, dim_out or dim, bias=bias)]
 
     def __call__(self, x):
         return self.net[2](self.net[0](x))
@@ -270,3 +278,45 @@ def float_parameters(model: nn.Module) -> dict:
             del params[prefix + "scales"], params[prefix + "biases"]
             params[prefix + "weight"] = m.dequantized()
     return tree_unflatten(list(params.items()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+class LoRALinear(nn.Module):
+    """A quantized Linear with low-rank updates beside it: `base(x) + (x @ down.T) @ up.T`. The quantized weight stays
+    as it is (requantizing a fused weight would add a second rounding); several LoRAs are stacked along the rank."""
+
+    def __init__(self, base: nn.Module, down: mx.array, up: mx.array):
+        super().__init__()
+        self.base, self.lora_down, self.lora_up = base, down, up
+
+    def __call__(self, x):
+        return self.base(x) + cpu.linear(cpu.linear(x, self.lora_down), self.lora_up)
+
+
+def add_low_rank(model: nn.Module, updates: list[tuple[str, np.ndarray, np.ndarray]]):
+    """Apply LoRA updates [(layer path, down (rank, in), up (out, rank) with its scale folded in)]: fused into a float
+    Linear's weight (`W + up @ down`, computed in float32, as diffusers' fuse_lora), beside a quantized one
+    (LoRALinear). Updates of one layer add up."""
+    by_layer: dict[str, list] = {}
+    for layer, down, up in updates:
+        by_layer.setdefault(layer, []).append((down, up))
+    modules = dict(model.named_modules())
+    replaced = []
+    for layer, pairs in by_layer.items():
+        module = modules.get(layer)
+        if isinstance(module, nn.Linear):
+            delta = sum(np.asarray(up, np.float32) @ np.asarray(down, np.float32) for down, up in pairs)
+            weight = module.weight
+            module.weight = (weight.astype(mx.float32) + mx.array(delta)).astype(weight.dtype)
+        elif isinstance(module, QuantizedLinear):
+            down = mx.array(np.concatenate([d for d, _ in pairs], axis=0))
+            up = mx.array(np.concatenate([u for _, u in pairs], axis=1))
+            replaced.append((layer, LoRALinear(module, down, up)))
+        else:
+            raise WeightsError(f"a LoRA adapts {layer}, which is not a Linear layer")
+    if replaced:
+        model.update_modules(tree_unflatten(replaced))
+    mx.eval(model.parameters())

@@ -26,6 +26,7 @@ from .layers import (
     AdaLayerNormZero,
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
+    Linear,
     gated_residual,
     modulate,
 )
@@ -103,7 +104,7 @@ class PatchEmbed(nn.Module):
         patches = x[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p).transpose(0, 2, 4, 3, 5, 1)
         weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)
         bias = self.cropped_pos_embed(h, w).astype(weight.dtype) + self.proj.bias
-        return mx.addmm(bias, patches.reshape(B, h * w, -1), weight.T)
+        return cpu.linear(patches.reshape(B, h * w, -1), weight, bias)
 
 
 class SD3Attention(nn.Module):
@@ -120,22 +121,22 @@ class SD3Attention(nn.Module):
             raise ValueError(f"unsupported qk_norm {qk_norm!r} (SD3 uses None or 'rms_norm')")
         self.heads = heads
         inner = heads * head_dim
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.to_out = [nn.Linear(inner, dim)]  # diffusers' to_out.1 is a Dropout, without parameters
+        self.to_q = Linear(dim, inner)
+        self.to_k = Linear(dim, inner)
+        self.to_v = Linear(dim, inner)
+        self.to_out = [Linear(inner, dim)]  # diffusers' to_out.1 is a Dropout, without parameters
         if qk_norm:
             self.norm_q = nn.RMSNorm(head_dim, eps=eps)
             self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         if context:
-            self.add_q_proj = nn.Linear(dim, inner)
-            self.add_k_proj = nn.Linear(dim, inner)
-            self.add_v_proj = nn.Linear(dim, inner)
+            self.add_q_proj = Linear(dim, inner)
+            self.add_k_proj = Linear(dim, inner)
+            self.add_v_proj = Linear(dim, inner)
             if qk_norm:
                 self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
                 self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
             if not context_pre_only:
-                self.to_add_out = nn.Linear(inner, dim)
+                self.to_add_out = Linear(inner, dim)
 
     def _heads(self, x, proj: str, norm: str):
         """(B, L, D) -> projection as a (B, H, L, head_dim) view, RMS-normalised per head where configured."""
@@ -174,7 +175,7 @@ class SD35AdaLayerNormZeroX(nn.Module):
 
     def __init__(self, dim: int, bias: bool = True):
         super().__init__()
-        self.linear = nn.Linear(dim, 9 * dim, bias=bias)
+        self.linear = Linear(dim, 9 * dim, bias=bias)
 
     def __call__(self, x, emb):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = mx.split(
@@ -239,14 +240,14 @@ class SD3Transformer2DModel(nn.Module):
         self.pos_embed = PatchEmbed(c.patch_size, c.in_channels, dim, c.pos_embed_max_size,
                                     c.sample_size // c.patch_size)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, c.pooled_projection_dim)
-        self.context_embedder = nn.Linear(c.joint_attention_dim, c.caption_projection_dim)
+        self.context_embedder = Linear(c.joint_attention_dim, c.caption_projection_dim)
         self.transformer_blocks = [
             JointTransformerBlock(dim, c.num_attention_heads, c.attention_head_dim, qk_norm=c.qk_norm,
                                   context_pre_only=i == c.num_layers - 1, dual_attention=i in c.dual_attention_layers)
             for i in range(c.num_layers)
         ]
         self.norm_out = AdaLayerNormContinuous(dim, dim, eps=1e-6)
-        self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * c.output_channels)
+        self.proj_out = Linear(dim, c.patch_size * c.patch_size * c.output_channels)
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, skip_layers=()):
         """Velocity for latents.
@@ -256,15 +257,39 @@ class SD3Transformer2DModel(nn.Module):
         scheduler timestep in [0, 1000] (StableDiffusion3Pipeline does not divide it); skip_layers: block indices
         to skip (SD3.5 skip-layer guidance). Returns (B, out_channels, H, W) (H, W rounded down to the patch).
         """
-        B, _, H, W = hidden_states.shape
-        p, h, w = self.config.patch_size, H // self.config.patch_size, W // self.config.patch_size
+        if skip_layers:
+            B, _, H, W = hidden_states.shape
+            x, c, temb = self._embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+            for i, block in enumerate(self.transformer_blocks):
+                if i not in skip_layers:
+                    c, x = block(x, c, temb)
+            return self.output(x, temb, H, W)
+        x_in, x, c, temb = self.first_block(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        return self.output(self.remaining_blocks(x, c, temb), temb, *hidden_states.shape[2:])
+
+    # The forward in three parts, for the first-block cache (pipelines/step_cache.py)
+    def _embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        B = hidden_states.shape[0]
         x = self.pos_embed(hidden_states)
         timestep = mx.broadcast_to(mx.array(timestep), (B,))
         temb = self.time_text_embed(timestep, pooled_projections)
-        c = self.context_embedder(encoder_hidden_states)
-        for i, block in enumerate(self.transformer_blocks):
-            if i not in skip_layers:
-                c, x = block(x, c, temb)
+        return x, self.context_embedder(encoder_hidden_states), temb
+
+    def first_block(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        """(tokens into the first block, image and text streams out of it, the conditioning)."""
+        x, c, temb = self._embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        c2, x2 = self.transformer_blocks[0](x, c, temb)
+        return x, x2, c2, temb
+
+    def remaining_blocks(self, x, c, temb):
+        for block in self.transformer_blocks[1:]:
+            c, x = block(x, c, temb)
+        return x
+
+    def output(self, x, temb, H: int, W: int):
+        """Final norm and projection, unpatched to (B, out_channels, H, W) (rounded down to the patch)."""
+        B, p = x.shape[0], self.config.patch_size
+        h, w = H // p, W // p
         x = self.proj_out(self.norm_out(x, temb))
         x = x.reshape(B, h, w, p, p, -1).transpose(0, 5, 1, 3, 2, 4)
         return x.reshape(B, -1, h * p, w * p)

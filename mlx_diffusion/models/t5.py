@@ -19,6 +19,7 @@ import mlx.nn as nn
 
 from ..backends import cpu
 from .config import FromDict
+from .layers import Linear
 
 
 @dataclass
@@ -106,10 +107,10 @@ class T5Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         inner = config.num_heads * config.d_kv
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.q = Linear(config.d_model, inner, bias=False)
+        self.k = Linear(config.d_model, inner, bias=False)
+        self.v = Linear(config.d_model, inner, bias=False)
+        self.o = Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
 
@@ -141,11 +142,11 @@ class T5DenseReluDense(nn.Module):
         super().__init__()
         self.act = (_GATED if config.is_gated else _ACTIVATIONS)[config.dense_act_fn]
         if config.is_gated:
-            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
-            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_0 = Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
         else:
-            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+            self.wi = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         if "wi" in self:

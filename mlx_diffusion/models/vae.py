@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from ..backends import cpu
 from .config import config_kwargs
+from .layers import Linear
 
 
 @dataclass
@@ -108,10 +109,10 @@ class Attention(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = GroupNorm(groups, channels)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = [nn.Linear(channels, channels)]
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = [Linear(channels, channels)]
 
     def __call__(self, x):
         B, H, W, C = x.shape

@@ -9,7 +9,7 @@ from ..errors import WeightsError
 from ..io.folder import INFO_FILE, WEIGHTS_FILE, read_info, read_json
 from ..io.safetensors import SafetensorsFile
 from ..models import kind_of
-from .base import Pipeline, Stats
+from .base import Pipeline, Result, Stats
 from .flux import FluxPipeline
 from .sampler import FlowMatchEulerScheduler, SchedulerConfig
 from .sd3 import SD3Pipeline
@@ -17,6 +17,7 @@ from .settings import GenerationSettings
 
 FAMILIES = {"flux": FluxPipeline, "sd3": SD3Pipeline}
 BUILTIN_MODEL = Path(__file__).parent.parent / "assets" / "models" / "tiny"
+BUILTIN_NAME = "built-in"  # what `load_pipeline` takes for the built-in model and what its images record
 
 
 def read_scheduler_config(folder) -> SchedulerConfig:
@@ -43,7 +44,7 @@ def check_model_folder(path) -> tuple[dict, SchedulerConfig]:
             if (path / "model_index.json").exists() else ""
         raise WeightsError(f"{path} is not an mlx_diffusion model folder: no {INFO_FILE}{hint}")
     family = read_json(path / INFO_FILE).get("family")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise WeightsError(f"{path / INFO_FILE}: unknown model family {family!r}")
     for c in ("transformer", "vae", "scheduler"):
         if not (path / c).is_dir():
@@ -56,21 +57,41 @@ def check_model_folder(path) -> tuple[dict, SchedulerConfig]:
     return info, scheduler
 
 
+def read_loras(path, lora) -> tuple[list, tuple]:
+    """(updates, record) of `lora` for the model folder `path`: [(file, scale) or file, ...] read and checked against
+    the folder's layers (WeightsError, one line) before anything is loaded; scale 0 adapts nothing."""
+    from ..convert import lora as lora_files
+    from ..io.folder import linear_shapes
+
+    layers = {c: linear_shapes(path / c) for c in ("transformer", "text_encoder", "text_encoder_2",
+                                                    "text_encoder_3") if (path / c / WEIGHTS_FILE).is_file()}
+    updates = lora_files.read_all(lora, layers)
+    record = tuple((str(file), scale) for file, scale in lora_files.as_list(lora))
+    return [(u.component, u.layer, u.down, u.up) for u in updates], record
+
+
 def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_text_encoders=False,
-                  max_sequence_length=None) -> Pipeline:
-    """Open a converted model folder; without a path, the built-in model (it works offline, nothing to download).
+                  max_sequence_length=None, lora=()) -> Pipeline:
+    """Open a converted model folder; without a path (or "built-in"), the built-in model (it works offline, nothing to
+    download).
 
     dtype: the weights' compute dtype (default float32 on a CPU, as stored on a GPU); progress: a progress bar over
     the denoising steps; use_t5=False: SD3 without T5 (zeros in its place, as diffusers); keep_text_encoders: keep
     them in memory between calls (they are released before denoising otherwise); max_sequence_length: T5's token
-    count instead of the model's default. Everything a generation will read is checked here: the info file, the
-    scheduler config, every component's config and weight-file header.
+    count instead of the model's default; lora: LoRA files [(file, scale), ...] (a bare file: scale 1.0), fused into
+    float layers and added beside quantized ones as each component loads (`convert/lora.py` reads their layouts).
+    Everything a generation will read is checked here: the info file, the scheduler config, every component's config
+    and weight-file header, every LoRA key and shape.
     """
-    path = BUILTIN_MODEL if path is None else Path(path)
+    builtin = path is None or path == BUILTIN_NAME or Path(path) == BUILTIN_MODEL
+    path = BUILTIN_MODEL if builtin else Path(path)
     info, scheduler = check_model_folder(path)
+    updates, record = read_loras(path, lora) if lora else ([], ())
     return FAMILIES[info["family"]](path, info, scheduler, dtype=dtype, progress=progress, use_t5=use_t5,
-                                    keep_text_encoders=keep_text_encoders, max_sequence_length=max_sequence_length)
+                                    keep_text_encoders=keep_text_encoders, max_sequence_length=max_sequence_length,
+                                    name=BUILTIN_NAME if builtin else str(path), lora=updates, lora_files=record)
 
 
-__all__ = ["BUILTIN_MODEL", "FAMILIES", "FlowMatchEulerScheduler", "FluxPipeline", "GenerationSettings", "Pipeline",
-           "SD3Pipeline", "Stats", "check_model_folder", "load_pipeline", "read_scheduler_config"]
+__all__ = ["BUILTIN_MODEL", "BUILTIN_NAME", "FAMILIES", "FlowMatchEulerScheduler", "FluxPipeline", "GenerationSettings",
+           "Pipeline", "Result", "SD3Pipeline", "Stats", "check_model_folder", "load_pipeline", "read_loras",
+           "read_scheduler_config"]

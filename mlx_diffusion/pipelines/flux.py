@@ -4,7 +4,6 @@ with RoPE position ids, FLUX.1-dev's embedded guidance, and true classifier-free
 from __future__ import annotations
 
 import functools
-import warnings
 
 import numpy as np
 
@@ -30,14 +29,21 @@ class FluxPipeline(Pipeline):
         self.t5_tokenizer = T5Tokenizer.from_folder(self.path / "tokenizer_2")
 
     def resolve_family(self, s):
-        """No run without T5; true CFG (diffusers' true_cfg_scale) only above 1 and with a negative prompt, and
-        recorded only then; otherwise the negative prompt is ignored, with a warning."""
         if s.use_t5 is False:
             raise InputError("FLUX cannot run without T5 (use_t5=False / --no-t5 is for SD3)")
-        scale = 1.0 if s.true_cfg_scale is None else s.true_cfg_scale
-        if s.negative_prompt is not None and scale <= 1:
-            warnings.warn("FLUX ignores the negative prompt unless true_cfg_scale (--true-cfg) is above 1", stacklevel=4)
-        return s.replace(true_cfg_scale=scale if scale > 1 and s.negative_prompt is not None else None)
+        return s
+
+    def unused_settings(self, s):
+        """schnell has no guidance input; true CFG (diffusers' true_cfg_scale) runs only above 1 and with a negative
+        prompt, so either alone is unused."""
+        unused = {} if self.is_dev else {"guidance": "FLUX.1-schnell has no guidance input: guidance is unused"}
+        cfg = s.true_cfg_scale is not None and s.true_cfg_scale > 1
+        if s.negative_prompt is not None and not cfg:
+            unused["negative_prompt"] = "FLUX uses a negative prompt only with true_cfg_scale (--true-cfg) above 1"
+        if s.true_cfg_scale is not None and (not cfg or s.negative_prompt is None):
+            unused["true_cfg_scale"] = ("true_cfg_scale (--true-cfg) is unused without a negative prompt" if cfg else
+                                        "true_cfg_scale (--true-cfg) of 1 or less does nothing")
+        return unused
 
     def _encode(self, prompts, t5_length):
         clip = self.model("text_encoder")
@@ -51,7 +57,7 @@ class FluxPipeline(Pipeline):
     def encode(self, batch):
         s = batch[0]
         cond = {"pos": self._encode([b.prompt for b in batch], s.max_sequence_length)}
-        if s.true_cfg_scale is not None:  # resolved: above 1, with a negative prompt
+        if s.true_cfg_scale is not None:  # resolved: only above 1 and with a negative prompt
             cond["neg"] = self._encode([b.negative_prompt for b in batch], s.max_sequence_length)
         if not self.keep_text_encoders:
             self.release("text_encoder", "text_encoder_2")
@@ -63,7 +69,7 @@ class FluxPipeline(Pipeline):
         scheduler.set_timesteps(s.steps, sigmas=np.linspace(1.0, 1 / s.steps, s.steps), mu=scheduler.mu(x.shape[1]))
         return x, scheduler
 
-    def predict(self, x, t, cond, s):
+    def predict(self, x, t, cond, s, caches=None):
         dt = self.compute_dtype
         batch = x.shape[0]
         timestep = mx.full((batch,), t, dtype=dt) / 1000
@@ -74,17 +80,24 @@ class FluxPipeline(Pipeline):
         forward = self.forward("transformer", key=(img_ids.shape, txt_ids.shape),
                                bind=dict(img_ids=img_ids, txt_ids=txt_ids))
 
-        def run(seq, pooled):
-            return forward(x, seq, pooled, timestep, guidance=g)
+        def run(seq, pooled, branch):
+            if caches is None:
+                return forward(x, seq, pooled, timestep, guidance=g)
+            return self.cached_forward(s, caches, branch, [[i] for i in range(batch)], (x, seq, pooled, timestep),
+                                       {"guidance": g}, key=(img_ids.shape, txt_ids.shape),
+                                       bind=dict(img_ids=img_ids, txt_ids=txt_ids))
 
-        v = run(*cond["pos"])
-        if "neg" in cond:
-            neg = run(*cond["neg"])
+        v = run(*cond["pos"], "pos")
+        if "neg" in cond:  # diffusers' true CFG: two transformer calls, each with a cache of its own
+            neg = run(*cond["neg"], "neg")
             v = neg + s.true_cfg_scale * (v - neg)
         return v
 
     def to_vae_latents(self, x, s):
         return unpack_latents(x, s.height // self.vae_scale_factor, s.width // self.vae_scale_factor)
+
+    def from_vae_latents(self, z, s):
+        return pack_latents(z)
 
 
 # ---------------------------------------------------------------------------------------------------------------

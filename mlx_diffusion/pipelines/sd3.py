@@ -64,6 +64,14 @@ class SD3Pipeline(Pipeline):
             raise InputError(f"{self.path} has no T5 (text_encoder_3/): it runs without T5 only")
         return s
 
+    def unused_settings(self, s):
+        """Classifier-free guidance (and with it the negative prompt) runs only at guidance above 1, as diffusers'
+        do_classifier_free_guidance."""
+        if s.negative_prompt is not None and s.guidance <= 1:
+            return {"negative_prompt": "the negative prompt is unused at guidance 1 or less (no classifier-free "
+                                       "guidance)"}
+        return {}
+
     def _t5(self, prompts, length):
         """T5 and its token ids; the tokenizer is read the first time T5 is used."""
         if self._t5_tokenizer is None:
@@ -98,13 +106,18 @@ class SD3Pipeline(Pipeline):
         scheduler.set_timesteps(s.steps, mu=scheduler.mu(tokens))  # dynamic shifting: SD3.5-style configs
         return noise, scheduler
 
-    def predict(self, x, t, cond, s):
+    def predict(self, x, t, cond, s, caches=None):
         seq, pooled = cond
         batch = x.shape[0]
         cfg = seq.shape[0] == 2 * batch
         xin = mx.concatenate([x, x]) if cfg else x
         timestep = mx.full((xin.shape[0],), t, dtype=self.compute_dtype)
-        v = self.forward("transformer")(xin, seq, pooled, timestep)
+        if caches is None:
+            v = self.forward("transformer")(xin, seq, pooled, timestep)
+        else:  # an image's rows: its negative and positive halves under guidance, decided together as diffusers does
+            rows = [[i, batch + i] if cfg else [i] for i in range(batch)]
+            H, W = xin.shape[2:]
+            v = self.cached_forward(s, caches, "all", rows, (xin, seq, pooled, timestep), output_bind=dict(H=H, W=W))
         if cfg:
             uncond, text = v[:batch], v[batch:]
             v = uncond + s.guidance * (text - uncond)
@@ -112,3 +125,6 @@ class SD3Pipeline(Pipeline):
 
     def to_vae_latents(self, x, s):
         return x
+
+    def from_vae_latents(self, z, s):
+        return z

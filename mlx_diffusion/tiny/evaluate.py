@@ -71,7 +71,7 @@ def round_trip(pipe, images: np.ndarray, batch: int = 16) -> np.ndarray:
     return np.concatenate(out)
 
 
-def evaluate(pipe, n: int = 96, seed: int = 0, steps=None, guidance=None, progress=True, split="heldout"):
+def evaluate(pipe, n: int = 96, seed: int = 0, steps=None, guidance=None, progress=True, split="heldout", cache=None):
     """Generate a prompt set; returns (prompts, images uint8, per-attribute (correct, asked), the classifier's own
     accuracy on true renderings of the same scenes, its accuracy on those passed through the VAE)."""
     from tqdm import tqdm
@@ -81,7 +81,7 @@ def evaluate(pipe, n: int = 96, seed: int = 0, steps=None, guidance=None, progre
     specs = [synthetic.parse(p) for p in prompts]
     images = []
     for i, p in enumerate(tqdm(prompts, desc="evaluating", disable=not progress, file=sys.stderr, leave=False)):
-        image = pipe.generate(p, seed=seed + i, steps=steps, guidance=guidance, output_type="np")
+        image = pipe.generate(p, seed=seed + i, steps=steps, guidance=guidance, output_type="np", cache=cache)
         images.append((image * 255).round().astype(np.uint8))
     images = np.stack(images)
     generated = accuracy(specs, [synthetic.classify(im) for im in images])
@@ -122,8 +122,9 @@ def report(generated: dict, ceiling: dict, through_vae: dict, base: dict) -> str
 @click.option("--guidance", type=float, default=None, help="Guidance scale [the model's default].")
 @click.option("--grid", "grid_path", type=click.Path(path_type=Path), default=None, help="Also save all images as one PNG.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also save the numbers.")
+@click.option("--cache", type=float, default=None, help="First-block cache threshold (as generate's) [off].")
 @click.option("--quiet", is_flag=True)
-def main(model_path, n, splits, seed, steps, guidance, grid_path, json_path, quiet):
+def main(model_path, n, splits, seed, steps, guidance, grid_path, json_path, cache, quiet):
     """Prompt-following accuracy per attribute on fixed prompt sets."""
     from ..cli import one_line
     from ..errors import Error
@@ -139,13 +140,15 @@ def main(model_path, n, splits, seed, steps, guidance, grid_path, json_path, qui
     for split in splits:
         t0 = time.perf_counter()
         try:
-            prompts, images, generated, ceiling, through_vae = evaluate(pipe, n, seed, steps, guidance, not quiet, split)
+            prompts, images, generated, ceiling, through_vae = evaluate(pipe, n, seed, steps, guidance, not quiet, split,
+                                                                        cache)
         except Error as e:
             raise click.ClickException(one_line(e)) from None
         seconds = time.perf_counter() - t0
         base = chance([synthetic.parse(p) for p in prompts])
         click.echo(f"{split} prompts ({n}): {pipe.path}, steps {pipe.last_settings.steps}, guidance "
-                   f"{pipe.last_settings.guidance}, seeds {seed}..{seed + n - 1} ({seconds / n:.2f} s per image)")
+                   f"{pipe.last_settings.guidance}, seeds {seed}..{seed + n - 1} ({seconds / n:.2f} s per image)"
+                   + (f", first-block cache {cache}" if cache else ""))
         click.echo(report(generated, ceiling, through_vae, base) + "\n")
         grids.append(grid(images))
         results[split] = {"accuracy": {k: v[0] / v[1] for k, v in generated.items() if v[1]},
@@ -157,7 +160,7 @@ def main(model_path, n, splits, seed, steps, guidance, grid_path, json_path, qui
 
         Image.fromarray(np.concatenate(grids, axis=0)).save(grid_path)
     if json_path is not None:
-        json_path.write_text(json.dumps({"model": str(pipe.path), "prompts": n, "seed": seed,
+        json_path.write_text(json.dumps({"model": str(pipe.path), "prompts": n, "seed": seed, "cache": cache,
                                          "steps": pipe.last_settings.steps, "guidance": pipe.last_settings.guidance,
                                          **results}, indent=2))
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.folder import atomic_folder
-from ..io.images import write_png
+from ..io.images import write_image, write_json
 from ..pipelines import GenerationSettings, load_pipeline
 from .benchmark import STAGES
 
@@ -156,12 +156,9 @@ def write(tiles: list[Tile], out) -> dict:
     with atomic_folder(folder) as tmp:
         for i, t in enumerate(tiles):
             name = f"{i:03d}-{t.model}-seed{t.seed}.png"
-            write_png(t.image, tmp / name, t.settings.to_metadata() if t.settings else {})
+            write_image(t.image, tmp / name, t.settings.to_metadata() if t.settings else {})
             t.file = f"{folder.name}/{name}"
     record = {"grid": out.name, "tiles": [t.record() for t in tiles]}
-    json_path = out.with_suffix(".json")
-    tmp_json = json_path.with_name(f".{json_path.name}.tmp")
-    tmp_json.write_text(json.dumps(record, indent=2))
-    tmp_json.replace(json_path)
-    write_png(grid_image(tiles), out, {"mlx_diffusion.grid": json.dumps({"tiles": len(tiles)})})
+    write_json(out.with_suffix(".json"), record)
+    write_image(grid_image(tiles), out, {"mlx_diffusion.grid": json.dumps({"tiles": len(tiles)})})
     return record

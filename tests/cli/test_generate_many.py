@@ -1,5 +1,6 @@
 """`generate` with several seeds, prompt files, batches and file-name templates (issue 15's command line)."""
 
+import json
 import os
 import stat
 
@@ -68,8 +69,79 @@ def test_mistakes_are_one_line_and_write_nothing(flux_schnell, tmp_path):
                        "2 seeds given but --n-images 3")
     assert_clean_error(generate(*m, "--seed", 1, cwd=tmp_path), "give --prompt TEXT or --prompt-file FILE")
     assert_clean_error(generate(*m, "--prompt", "x", "--seed", "3-x", cwd=tmp_path), "a comma-separated list")
+    assert_clean_error(generate(*m, "--prompt", "x", "--seed", "0-10000000000", cwd=tmp_path),
+                       "at most 10000 seeds at a time")  # refused, not a list of 10^10 seeds
+    assert_clean_error(generate(*m, "--prompt", "x", "--n-images", 10**9, cwd=tmp_path), "--n-images")
     (tmp_path / "p.txt").write_text("a\na\n")
     assert_clean_error(generate(*m, "--prompt-file", "p.txt", "--seed", 1, "-o", "{prompt}.png", cwd=tmp_path),
                        "two images would both be written to a.png; add {i}")
     assert_clean_error(generate(*m, "--prompt-file", "missing.txt", cwd=tmp_path), "cannot read missing.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
+
+
+def test_jpeg_webp_metadata_and_replay(flux_schnell, tmp_path):
+    m = ("--model", flux_schnell[2], "--prompt", "a fox", *SIZE, "--quiet")
+    for args in (("--seed", "5,6", "-o", "out-{seed}.png"), ("--seed", 5, "-o", "x.jpg"),
+                 ("--seed", 5, "-o", "x.webp", "--quality", 80, "--metadata")):
+        r = generate(*m, *args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    for name in ("x.jpg", "x.webp"):
+        assert Image.open(tmp_path / name).format == {"jpg": "JPEG", "webp": "WEBP"}[name[2:]]
+    sidecar = json.loads((tmp_path / "x.json").read_text())
+    assert sidecar["settings"]["seed"] == 5 and sidecar["settings"]["steps"] == 2 and sidecar["batch"]["size"] == 1
+    assert set(sidecar["stats"]["seconds"]) == {"text_encoding", "denoising", "decoding"}
+    # each file makes out-5.png again, bit for bit, with no other option given (the model comes from the record)
+    for source in ("out-5.png", "x.jpg", "x.webp", "x.json"):
+        r = generate("--from-metadata", source, "-o", "again.png", "--quiet", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert np.array_equal(_pixels(tmp_path / "again.png"), _pixels(tmp_path / "out-5.png")), source
+    # options replace recorded settings
+    r = generate("--from-metadata", "x.webp", "--steps", 1, "--prompt", "a hen", "-o", "o.png", "--quiet",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = Image.open(tmp_path / "o.png").text
+    assert (text["steps"], text["prompt"], text["seed"], text["width"]) == ("1", "a hen", "5", "48")
+
+
+def test_replay_of_a_batch_member_is_exact(flux_schnell, tmp_path):
+    m = ("--model", flux_schnell[2], "--prompt", "a fox", *SIZE)
+    r = generate(*m, "--seed", "1-3", "--batch-size", 3, "-o", "b-{seed}.png", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = generate("--from-metadata", "b-2.png", "-o", "again.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "made in a batch of 3: making it again as one" in r.stderr
+    assert np.array_equal(_pixels(tmp_path / "again.png"), _pixels(tmp_path / "b-2.png"))
+    assert json.loads(Image.open(tmp_path / "again.png").text["mlx_diffusion.batch"]) == {"size": 3, "index": 1}
+
+
+def test_replay_and_format_mistakes_are_one_line(flux_schnell, tmp_path):
+    m = ("--model", flux_schnell[2], "--prompt", "x")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    (tmp_path / "moved.json").write_text(json.dumps({"settings": {"prompt": "x", "seed": 1, "model": "/no/such"}}))
+    for args, match in (((*m, "-o", "x.png", "--quality", 50), "--quality is for .jpg and .webp files"),
+                        ((*m, "-o", "x.tif"), "must end in .png, .jpg, .jpeg or .webp"),
+                        (("--from-metadata", "plain.png"), "records no mlx_diffusion settings"),
+                        (("--from-metadata", "missing.png"), "missing.png does not exist"),
+                        (("--from-metadata", "moved.json"), "made with /no/such, which is not here: give --model")):
+        assert_clean_error(generate(*args, cwd=tmp_path), match)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved.json", "plain.png"]
+
+
+def test_image_to_image_from_the_command_line(flux_schnell, tmp_path):
+    m = ("--model", flux_schnell[2], "--prompt", "a fox", "--steps", 3, "--quiet")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((40, 60, 3)) * 255).astype(np.uint8)).save(tmp_path / "start.jpg")
+    r = generate(*m, "--image", "start.jpg", "--strength", 0.5, "--seed", 2, "-o", "a.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = Image.open(tmp_path / "a.png").text
+    assert Image.open(tmp_path / "a.png").size == (48, 32)  # the start image's size, down to a multiple of 16
+    assert text["strength"] == "0.5" and text["init_image"].startswith("sha256:")
+    r = generate("--from-metadata", "a.png", "--image", "start.jpg", "-o", "b.png", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "b.png"))
+    assert_clean_error(generate("--from-metadata", "a.png", "-o", "c.png", cwd=tmp_path),
+                       "made from a start image: give it again")
+    assert_clean_error(generate(*m, "--image", "nothing.png", cwd=tmp_path), "nothing.png does not exist")
+    assert_clean_error(generate(*m, "--image", "start.jpg", "--strength", 0, cwd=tmp_path),
+                       "strength must be above 0 and at most 1")
+    assert not (tmp_path / "c.png").exists()
