@@ -43,6 +43,8 @@ INLINE = {
     "python3 tools/convert.py": "tests/convert/test_convert_model_names.py::test_model_name_from_offline_cache",
     "mlx-diffusion compare --reference diffusers": "tests/tour/test_compare.py::test_reference_column_equals_ours",
     "python benchmarks/bench_convert.py": "tests/test_readme.py::test_convert_benchmark_runs",
+    "python benchmarks/bench_lora.py": "tests/test_readme.py::test_lora_benchmark_runs",
+    "python benchmarks/bench_step_cache.py": "tests/test_readme.py::test_step_cache_benchmark_runs",
 }
 _HEAD = re.compile(r"^(python3? -m \S+|python3? -c|python3? \S+\.py|mlx-diffusion(-\w+)?( [a-z]+)?)( |$)")
 
@@ -112,6 +114,17 @@ def _downloads(work: Path, flux_repo: Path):
         hidden=cfg["num_attention_heads"] * cfg["attention_head_dim"], double=cfg["num_layers"],
         single=cfg["num_single_layers"], context_dim=cfg["joint_attention_dim"],
         pooled_dim=cfg["pooled_projection_dim"])))
+    # a kohya-layout LoRA over BFL's names for that repository's FLUX (fused qkv, an MLP layer), with its alpha
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    hidden, rng = cfg["num_attention_heads"] * cfg["attention_head_dim"], np.random.default_rng(0)
+    lora = {}
+    for stem, out_dims in (("double_blocks_0_img_attn_qkv", 3 * hidden), ("double_blocks_0_img_mlp_0", 4 * hidden)):
+        lora[f"lora_unet_{stem}.lora_down.weight"] = rng.standard_normal((4, hidden), np.float32) * 0.1
+        lora[f"lora_unet_{stem}.lora_up.weight"] = rng.standard_normal((out_dims, 4), np.float32) * 0.1
+        lora[f"lora_unet_{stem}.alpha"] = np.array(2.0, np.float32)
+    save_file(lora, work / "fox-style.safetensors")
     # the files FLUX.1 and SD3 users download; one CLIP-L and one T5 file serve both, as they do for real
     ck.save_safetensors(work / "flux1-schnell.safetensors",
                         ck.flux_transformer(hidden=256, double=1, single=1, context_dim=256, pooled_dim=64),
@@ -161,6 +174,30 @@ def _run(args: list[str], work, env):
     return r
 
 
+def _serve(args, work, env):
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([*args, "--port", str(port)], cwd=work, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.perf_counter() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.perf_counter() < deadline, proc.stderr.read()[-3000:]
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, -15, 128 + 15) and "Traceback" not in err, err[-3000:]  # 143: SIGTERM handled
+
+
 @pytest.mark.slow
 def test_every_readme_command_runs(sandbox):
     work, env = sandbox
@@ -169,8 +206,16 @@ def test_every_readme_command_runs(sandbox):
         args = shlex.split(cmd)
         if args[0] == "./setup.sh" or args[:3] == ["python3", "-m", "pytest"]:
             continue  # CI runs these (test above)
+        if args[:2] == ["pip", "install"]:  # setup.sh --test installed it; the extra must exist
+            extra = re.fullmatch(r'(?:-e )?\.\[(\w+)\]', " ".join(args[2:]).replace('"', ""))
+            assert extra and f"\n{extra.group(1)} = [" in (ROOT / "pyproject.toml").read_text(), cmd
+            continue
         if args[0] in ("python", "python3"):
             args[0] = sys.executable
+        if args[1:3] == ["-m", "mlx_diffusion.app"]:  # a server: it must come up and answer, then it is stopped
+            _serve(args, work, env)
+            ran += 1
+            continue
         if args[:2] == ["mlx-diffusion", "convert"] and "-o" in args:
             shutil.rmtree(work / args[args.index("-o") + 1], ignore_errors=True)  # the alternatives: one each
         r = _run(args, work, env)
@@ -218,3 +263,22 @@ def test_batch_benchmark_runs():
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(r.stdout.strip().splitlines()[-1])
     assert record["batch"] == 2 and record["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_lora_benchmark_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora.py"), "--preset", "tiny", "--bits", "8",
+                        "--rank", "2", "--size", "64", "--steps", "2"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record["layers"] > 0 and record["beside_s"] > 0 and record["baked_s"] > 0
+
+
+@pytest.mark.slow
+def test_step_cache_benchmark_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step_cache.py"), "--prompts", "4", "--steps", "6",
+                        "--thresholds", "0.3"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(record["rows"]) == {"off", "0.3"} and record["rows"]["off"]["skipped"] == 0
+    assert 0 <= record["rows"]["0.3"]["skipped"] < 1 and record["rows"]["0.3"]["seconds_per_image"] > 0
