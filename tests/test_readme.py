@@ -34,6 +34,8 @@ INLINE = {
     "python -m mlx_diffusion.tiny.evaluate --prompts 96": "tests/tiny/test_builtin_model.py::test_cli_defaults_to_the_builtin_model",
     "mlx-diffusion benchmark --steps 8 --compare-diffusers":
         "tests/tour/test_benchmark.py::test_against_diffusers_on_the_builtin_model",
+    "mlx-diffusion benchmark --empty-kernel-cache --compare-diffusers":
+        "tests/tour/test_benchmark.py::test_against_diffusers_on_the_builtin_model",
     "mlx-diffusion benchmark --preset block --family flux --steps 4 --repeat 2 --compare-diffusers":
         "tests/tour/test_benchmark.py::test_against_diffusers_on_a_random_preset",
     "mlx-diffusion benchmark --preset block --family flux --steps 4 --repeat 2 --compare-diffusers --bits 4":

@@ -10,7 +10,8 @@ So on the CPU in float32:
 - attention runs in cache-sized chunks alternately on two CPU streams (MLX gives each stream a thread), which puts
   the softmax on both cores;
 - 3x3 convs are Winograd F(4x4, 3x3), with the decoder's nearest x2 upsampling folded into the input transform, and
-  large maps run in bands of rows (`BAND_ELEMENTS`), which bounds peak memory;
+  large maps run in bands of rows (`BAND_ELEMENTS`), which bounds peak memory; small maps (`FUSED_MIN_ELEMENTS`)
+  use MLX's own ops, which are as fast there and need no kernel built on first use;
 - quantized Linear weights are dequantized per call and multiplied by BLAS.
 Everywhere else (a GPU, half precision, no compiler) each call is MLX's own op. The models' files therefore read
 like the reference math; what is done differently for speed is here, and `MLX_DISABLE_COMPILE=1` turns the fused
@@ -248,6 +249,16 @@ def quantized_linear(x, weight, scales, biases, group_size: int, bits: int):
 # VAE's `encode`/`decode` on large inputs call `mx.eval` internally (do not wrap them in `mx.compile`).
 BAND_ELEMENTS = 1 << 26
 
+# Maps with fewer elements per sample than this (the built-in model's 64x64 decoder) use MLX's own ops: Winograd is
+# slower than MLX's direct conv there (measured on 2 cores: 3.5 vs 0.9 ms at 32x32x32, 8.1 vs 6.6 ms at 32x32x128),
+# and the fused GroupNorm saves under a millisecond a call, while each fused kernel costs ~0.25-1 s to build on a
+# machine's first run (g++, see `backends.jit`): the built-in model's first image built 60 kernels for its decoder.
+FUSED_MIN_ELEMENTS = 1 << 18
+
+
+def _large(elements: int) -> bool:
+    return elements >= FUSED_MIN_ELEMENTS
+
 
 def _group_sum(a):
     """(B, H, W, G, Cg) -> (B, 1, 1, G, 1) sums, in three short float32 accumulations (W, then Cg, then H terms)."""
@@ -280,7 +291,7 @@ def group_norm(x, weight, bias, groups: int, eps: float, act: bool = False):
     """
     B, H, W, C = x.shape
     g = x.reshape(B, H, W, groups, C // groups)
-    if not on_cpu():
+    if not on_cpu() or not _large(H * W * C):
         mean = g.mean(axis=(1, 2, 4), keepdims=True)
         var = mx.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
         y = ((g - mean) * mx.rsqrt(var + eps)).reshape(B, H, W, C) * weight + bias
@@ -412,12 +423,15 @@ def conv2d(x, weight, bias, stride: int = 1, padding=0, upsample: bool = False, 
     """A conv with torch's parameters (weight OHWI, bias) on NHWC `x`, of `x` upsampled 2x (nearest) when `upsample`;
     `padding` may be ((top, left), (bottom, right)) as in `mx.conv_general`.
 
-    On the CPU 3x3 stride-1 convs run through `conv3x3` unless `winograd` is False (training: backpropagating through
-    the transforms is ~3x slower than through `mx.conv_general` at the built-in model's small channel counts); its
-    kernel transform is cheap next to the conv, so it is not cached. 1x1 convs are one matmul; anything else, and
+    On the CPU 3x3 stride-1 convs with at least `FUSED_MIN_ELEMENTS` outputs per sample run through `conv3x3` unless
+    `winograd` is False (training: backpropagating through the transforms is ~3x slower than through
+    `mx.conv_general` at the built-in model's small channel counts); its kernel transform is cheap next to the conv,
+    so it is not cached. 1x1 convs are one matmul; anything else, and
     every conv on a GPU, is `mx.conv_general`.
     """
-    if weight.shape[1:3] == (3, 3) and stride == 1 and padding == 1 and winograd and on_cpu():
+    f = 2 if upsample else 1
+    if (weight.shape[1:3] == (3, 3) and stride == 1 and padding == 1 and winograd and on_cpu()
+            and _large(f * f * x.shape[1] * x.shape[2] * weight.shape[0])):
         return conv3x3(x, weight, bias, upsample)
     if upsample:  # nearest x2
         B, H, W, C = x.shape

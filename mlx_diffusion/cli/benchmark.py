@@ -4,9 +4,11 @@ side with the diffusers baseline on the same weights and noise, through `tour.be
     mlx-diffusion benchmark [--model FOLDER | --preset tiny|block|wide --family flux|sd3 [--bits none|4|8]]
                             [--prompts FILE | --prompt TEXT ... | --bank NAME [--category C]] [--n-prompts 1]
                             [--steps N] [--guidance G] [--size S] [--repeat 2] [--seed 0] [--compare-diffusers]
+                            [--empty-kernel-cache]
 
 Each side runs in a process of its own (its peak memory is its own), after one cold run, `--repeat` times; times
-are medians. It prints a markdown table and, as its last line, one JSON object: {"ratios": {"text_encoding",
+are medians. The cold run is the first in its process; with `--empty-kernel-cache` also the first on an empty cache
+of MLX's compiled kernels, as on a fresh install (it includes building them). It prints a markdown table and, as its last line, one JSON object: {"ratios": {"text_encoding",
 "denoising", "decoding", "total"}, "rss_gb": {...}, ...} with ratios = diffusers time / ours (above 1: we are
 faster; null without --compare-diffusers). `--preset` builds a random-weight model at FLUX or SD3 widths (real widths
 with few blocks: `block`) and converts it; presets and the diffusers side need a checkout's
@@ -45,9 +47,11 @@ from . import one_line, prompt_options, reference as baseline, run
 @click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True, help="Warm runs per prompt.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--compare-diffusers", is_flag=True, help="Also run diffusers on the same weights and noise.")
+@click.option("--empty-kernel-cache", is_flag=True,
+              help="Our first run with MLX's compiled-kernel cache empty, as on a fresh install.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def main(model_path, preset, family, bits, prompt_file, prompt_texts, bank, category, n_prompts, steps, guidance,
-         size, repeat, seed, compare_diffusers, quiet):
+         size, repeat, seed, compare_diffusers, empty_kernel_cache, quiet):
     """Profile a model (per-stage times, memory), optionally against diffusers."""
     import numpy as np
 
@@ -91,8 +95,12 @@ def main(model_path, preset, family, bits, prompt_file, prompt_texts, bank, cate
                        "steps": steps or d["steps"], "guidance": d["guidance"] if guidance is None else guidance,
                        "size": size, "max_sequence_length": d["max_sequence_length"], "repeat": repeat}
             (tmp / "ours.json").write_text(json.dumps({**request, "out": str(tmp / "ours-result.json")}))
+            env = None
+            if empty_kernel_cache:  # MLX keeps its compiled kernels under the temp folder (see backends.jit)
+                (tmp / "temp").mkdir()
+                env = {**os.environ, "TMPDIR": str(tmp / "temp")}
             baseline.call([sys.executable, "-m", "mlx_diffusion.tour.benchmark", str(tmp / "ours.json")], "mlx_diffusion",
-                          say)
+                          say, env=env)
             ours_result = json.loads((tmp / "ours-result.json").read_text())
             ref_result = diff = None
             if compare_diffusers:
@@ -117,14 +125,15 @@ def main(model_path, preset, family, bits, prompt_file, prompt_texts, bank, cate
     if diff is not None:
         click.echo(f"image difference mlx_diffusion vs diffusers: max abs {diff:.2e}")
     click.echo("")
-    click.echo(benchmark.table(ours, ref, ours_result, ref_result))
+    click.echo(benchmark.table(ours, ref, ours_result, ref_result, empty_kernel_cache))
     click.echo("")
     record = {"model": name, "family": info["family"], "size": size, "steps": request["steps"],
               "ratios": {k: ref[k] / ours[k] for k in (*benchmark.STAGES, "total")} if ref else None,
               "rss_gb": {"mlx_diffusion": ours_result["peak_rss_gb"],
                          **({"diffusers": ref_result["peak_rss_gb"]} if ref_result else {})},
               "seconds": {"mlx_diffusion": ours, **({"diffusers": ref} if ref else {})},
-              "peak_mlx_memory_gb": ours_result["peak_memory_gb"], "max_abs_diff": diff}
+              "peak_mlx_memory_gb": ours_result["peak_memory_gb"], "max_abs_diff": diff,
+              "empty_kernel_cache": empty_kernel_cache}
     click.echo(json.dumps(record))
 
 

@@ -26,10 +26,10 @@ def module():
     return loaded
 
 
-def call(args, what, say):
+def call(args, what, say, env=None):
     """Run a command; its last stderr line becomes a one-line InputError when it fails."""
     say(f"running {what} ...")
-    r = subprocess.run(args, capture_output=True, text=True)
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
     if r.returncode:
         tail = [line for line in r.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
         raise InputError(f"{what} failed: {tail[0]}")

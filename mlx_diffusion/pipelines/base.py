@@ -24,7 +24,7 @@ import numpy as np
 
 import mlx.core as mx
 
-from ..backends import cpu
+from ..backends import cpu, jit
 from ..errors import InputError
 from ..io.folder import load_component, read_json
 from .sampler import SchedulerConfig
@@ -107,6 +107,7 @@ class Pipeline:
     def __init__(self, path: Path, info: dict, scheduler_config: SchedulerConfig, dtype=None,
                  keep_text_encoders=False, progress=True, max_sequence_length=None, name=None, lora=(),
                  lora_files=()):
+        jit.prepare()  # MLX's kernel compiler, quicker on a machine's first run
         self.path, self.info = path, info
         self.lora = list(lora)  # (component, layer, down, up with its scale): applied as each component loads
         self.lora_files = tuple(lora_files)  # ((file, scale), ...): what images record

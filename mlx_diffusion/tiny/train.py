@@ -43,7 +43,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..backends import cpu
+from ..backends import cpu, jit
 from ..convert.converter import released_index
 from ..convert.quantize import Policy
 from ..io.folder import ComponentWriter, atomic_folder, load_component, read_json, write_info, write_json
@@ -352,6 +352,7 @@ def _load_init(folder: Path, configs: dict, models: dict):
 
 def train(opts: dict, out: Path, command: str, progress=True, log=print):
     started = time.time()
+    jit.prepare()
     mx.random.seed(opts["seed"])
     rng = np.random.default_rng(opts["seed"])
     key = mx.random.key(opts["seed"])

@@ -66,9 +66,11 @@ def test_parameter_names_match_diffusers(vaes):
     assert ("quant_conv.weight" in mine) == ref.config.use_quant_conv
 
 
-@pytest.mark.parametrize("path", ["cpu", "banded", "plain"])
+@pytest.mark.parametrize("path", ["cpu", "banded", "small", "plain"])
 def test_decode_matches_diffusers(vaes, path, monkeypatch):
     ref, ours = vaes
+    if path in ("cpu", "banded"):  # the fused paths, which maps this small would not take (they do: "small")
+        monkeypatch.setattr(cpu, "FUSED_MIN_ELEMENTS", 0)
     if path == "banded":  # the large-map code path: GroupNorm+SiLU and Winograd convs in bands of a few rows
         monkeypatch.setattr(cpu, "BAND_ELEMENTS", 1 << 13)
     if path == "plain":  # the GPU path: mx.conv_general and an explicit nearest upsampling
@@ -104,9 +106,11 @@ def test_encode_matches_diffusers(vaes):
         assert want.std() > 0.05 and np.abs(moved - want).max() > 1000 * TOL * np.abs(want).max()
 
 
-@pytest.mark.parametrize("banded", [False, True])
+@pytest.mark.parametrize("banded", [False, True, "small"])
 def test_group_norm_silu_matches_torch(banded, monkeypatch):
-    if banded:  # bands of 8 rows (the last one ragged)
+    if banded != "small":  # the fused path, which a map this small would not take
+        monkeypatch.setattr(cpu, "FUSED_MIN_ELEMENTS", 0)
+    if banded is True:  # bands of 8 rows (the last one ragged)
         monkeypatch.setattr(cpu, "BAND_ELEMENTS", 4 * 2 * 20 * 64 * 8)
     rng = np.random.default_rng(2)
     C, G = 64, 16

@@ -28,8 +28,10 @@ def _record(r):
 
 
 def test_profile_of_the_builtin_model(tmp_path):
-    record = _record(benchmark("--steps", 3, "--repeat", 1, "--quiet", cwd=tmp_path))
+    r = benchmark("--steps", 3, "--repeat", 1, "--quiet", cwd=tmp_path)
+    record = _record(r)
     assert record["ratios"] is None and record["steps"] == 3 and record["size"] == 64
+    assert not record["empty_kernel_cache"] and "| first run, cold (s) |" in r.stdout
     s = record["seconds"]["mlx_diffusion"]
     assert s["total"] > 0 and s["step"] > 0 and s["images_per_minute"] == pytest.approx(60 / s["total"])
     assert 0 < record["rss_gb"]["mlx_diffusion"] < 2
@@ -37,7 +39,12 @@ def test_profile_of_the_builtin_model(tmp_path):
 
 
 def test_against_diffusers_on_the_builtin_model(tmp_path):
-    record = _record(benchmark("--steps", 4, "--repeat", 1, "--compare-diffusers", "--quiet", cwd=tmp_path))
+    r = benchmark("--steps", 4, "--repeat", 1, "--compare-diffusers", "--empty-kernel-cache", "--quiet", cwd=tmp_path)
+    record = _record(r)
+    assert record["empty_kernel_cache"] and "| first run, cold, empty kernel cache (s) |" in r.stdout
+    ours = record["seconds"]["mlx_diffusion"]
+    assert ours["cold_total"] > ours["total"]  # the cold run builds MLX's kernels
+    assert not list(tmp_path.iterdir())
     assert set(record["ratios"]) == {"text_encoding", "denoising", "decoding", "total"}
     assert all(r > 0 for r in record["ratios"].values())
     assert record["max_abs_diff"] <= IMAGE_MAX  # the same image from the same weights and noise
