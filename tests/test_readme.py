@@ -47,6 +47,8 @@ INLINE = {
     "python benchmarks/bench_convert.py": "tests/test_readme.py::test_convert_benchmark_runs",
     "python benchmarks/bench_lora.py": "tests/test_readme.py::test_lora_benchmark_runs",
     "python benchmarks/bench_step_cache.py": "tests/test_readme.py::test_step_cache_benchmark_runs",
+    "python benchmarks/profile_step.py --family flux --size 1024": "tests/test_readme.py::test_step_profile_runs",
+    "python benchmarks/profile_step.py --family sd3 --size 1024": "tests/test_readme.py::test_step_profile_runs",
 }
 _HEAD = re.compile(r"^(python3? -m \S+|python3? -c|python3? \S+\.py|mlx-diffusion(-\w+)?( [a-z]+)?)( |$)")
 
@@ -284,3 +286,18 @@ def test_step_cache_benchmark_runs():
     record = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(record["rows"]) == {"off", "0.3"} and record["rows"]["off"]["skipped"] == 0
     assert 0 <= record["rows"]["0.3"]["skipped"] < 1 and record["rows"]["0.3"]["seconds_per_image"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_step_profile_runs(tmp_path, family):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--family", family, "--preset",
+                        "tiny", "--size", "64", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    for side in ("ours", "diffusers"):
+        parts = record[side]["parts_ms"]
+        assert set(parts) == {"gemm", "attention", "gelu", "norms", "other"} and record[side]["step_ms"] > 0
+        assert parts["gemm"] > 0 and parts["attention"] > 0
+    assert record["ours"]["gemm_gflop"] > 0 and record["ours"]["gemm_peak_gflops"] > 0
+    assert not list(tmp_path.iterdir())
