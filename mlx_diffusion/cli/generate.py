@@ -177,11 +177,14 @@ def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true
         raise click.UsageError("give --prompt TEXT or --prompt-file FILE")
     if seeds is not None and n_images is not None and n_images != len(seeds):
         raise click.BadParameter(f"{len(seeds)} seeds given but --n-images {n_images}", param_hint="--n-images")
-    if seeds is None:
-        seeds = [int.from_bytes(os.urandom(4), "little") for _ in range(n_images or 1)]
+    from ..pipelines import distributed
+
+    if seeds is None:  # under mlx.launch, rank 0's random seeds
+        seeds = distributed.agree([int.from_bytes(os.urandom(4), "little") for _ in range(n_images or 1)])
     jobs = [(p, s) for p in prompts for s in seeds]
     paths = output_paths(output or "image-{seed}.png", jobs)
-    for path in dict.fromkeys(paths):
+    mine = distributed.share(len(jobs))  # all of them, but under mlx.launch
+    for path in dict.fromkeys(paths[j] for j in mine):
         _check_output(path, quality)
     # an unchanged replay is made as the original was (in its batch, if it had one), for the same pixels
     replay = metadata is not None and jobs == [(base.prompt, base.seed)] and not overrides and batch_size is None
@@ -199,6 +202,10 @@ def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true
     warnings.showwarning = lambda message, *a, **k: click.echo(f"warning: {message}", err=True)
     t0 = time.perf_counter()
     try:
+        distributed.check_same_model(model_path, str(model_path or "the built-in model"))
+        if not mine:
+            say(f"rank {distributed.rank()} of {distributed.size()}: no images to make")
+            return
         pipe = load_pipeline(model_path, progress=not quiet, use_t5=base.use_t5 is not False and not no_t5,
                              lora=loras)
         if replay:
@@ -209,6 +216,11 @@ def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true
                 say(f"it was made in a batch of {size}: making it again as one, for the same pixels "
                     f"(--batch-size 1: alone, 1/{size} of the work, the same pixels on the CPU)")
             results = iter([pipe.replay(metadata, image=start_image)])
+        elif distributed.size() > 1:  # this rank's share of prompts x seeds, each image with its own seed
+            ns = len(seeds)
+            share = [items[j // ns].replace(seed=seeds[j % ns]) for j in mine]
+            results = pipe.iter_generate(share, batch_size=batch_size or 1, image=start_image)
+            paths = [paths[j] for j in mine]
         else:
             results = pipe.iter_generate(items, seeds=seeds, batch_size=batch_size or 1, image=start_image)
         stats = None
