@@ -146,11 +146,14 @@ def recorded_model(model: str | None) -> Path | None:
               help="First-block cache, 0 to 1 (e.g. 0.1): on steps where the transformer's first block changed its "
                    "output by at most this fraction, reuse the other blocks' last result. Faster; the image changes "
                    "(see the README) [off].")
+@click.option("--shard", is_flag=True,
+              help="Under mlx.launch: split the transformer across the processes (FLUX), each holding part of it; "
+                   "every process makes every image, the first writes them [off: the images are shared out].")
 @click.option("--no-t5", is_flag=True, help="SD3 only: never load T5; its embedding is zeros (saves ~9.5 GB).")
 @click.option("--quiet", is_flag=True, help="No progress bar or timings.")
 def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true_cfg_scale, start_image, strength,
-         width, height, seeds, n_images, batch_size, output, quality, sidecar, recorded_file, loras, cache, no_t5,
-         quiet):
+         width, height, seeds, n_images, batch_size, output, quality, sidecar, recorded_file, loras, cache, shard,
+         no_t5, quiet):
     """Generate images from text prompts."""
     from ..errors import Error
     from ..io.images import write_image, write_json
@@ -183,9 +186,15 @@ def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true
         seeds = distributed.agree([int.from_bytes(os.urandom(4), "little") for _ in range(n_images or 1)])
     jobs = [(p, s) for p in prompts for s in seeds]
     paths = output_paths(output or "image-{seed}.png", jobs)
-    mine = distributed.share(len(jobs))  # all of them, but under mlx.launch
-    for path in dict.fromkeys(paths[j] for j in mine):
-        _check_output(path, quality)
+    if shard and distributed.size() == 1:
+        raise click.BadParameter("splits the transformer across processes: start them with mlx.launch",
+                                 param_hint="--shard")
+    # under mlx.launch each rank makes its share; with --shard every rank makes every image, and rank 0 writes them
+    mine = list(range(len(jobs))) if shard else distributed.share(len(jobs))
+    writes = not shard or distributed.rank() == 0
+    if writes:
+        for path in dict.fromkeys(paths[j] for j in mine):
+            _check_output(path, quality)
     # an unchanged replay is made as the original was (in its batch, if it had one), for the same pixels
     replay = metadata is not None and jobs == [(base.prompt, base.seed)] and not overrides and batch_size is None
     if start_image is not None:  # read now: a missing or broken file is an error before any work
@@ -206,8 +215,8 @@ def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true
         if not mine:
             say(f"rank {distributed.rank()} of {distributed.size()}: no images to make")
             return
-        pipe = load_pipeline(model_path, progress=not quiet, use_t5=base.use_t5 is not False and not no_t5,
-                             lora=loras)
+        pipe = load_pipeline(model_path, progress=not quiet and writes, use_t5=base.use_t5 is not False and not no_t5,
+                             lora=loras, shard=shard)
         if replay:
             from ..pipelines.settings import batch_position
 
@@ -216,7 +225,7 @@ def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true
                 say(f"it was made in a batch of {size}: making it again as one, for the same pixels "
                     f"(--batch-size 1: alone, 1/{size} of the work, the same pixels on the CPU)")
             results = iter([pipe.replay(metadata, image=start_image)])
-        elif distributed.size() > 1:  # this rank's share of prompts x seeds, each image with its own seed
+        elif distributed.size() > 1 and not shard:  # this rank's share of prompts x seeds, each image with its own seed
             ns = len(seeds)
             share = [items[j // ns].replace(seed=seeds[j % ns]) for j in mine]
             results = pipe.iter_generate(share, batch_size=batch_size or 1, image=start_image)
@@ -225,6 +234,8 @@ def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true
             results = pipe.iter_generate(items, seeds=seeds, batch_size=batch_size or 1, image=start_image)
         stats = None
         for path, result in zip(paths, results):
+            if not writes:
+                continue
             write_image(result.image, path, result.metadata(), quality=quality)
             if sidecar:
                 write_json(path.with_suffix(".json"), result.record())
@@ -237,6 +248,8 @@ def main(model_path, prompt, prompt_file, negative_prompt, steps, guidance, true
             click.echo(str(path))
     except Error as e:
         raise click.ClickException(one_line(e)) from None
+    if not writes:
+        return
     say(f"total {time.perf_counter() - t0:.2f} s; peak memory: MLX {stats.peak_memory_gb:.2f} GB, process "
         f"{stats.peak_rss_gb:.2f} GB" + ("" if blas.loaded_path or sys.platform != "linux" else " (no fast BLAS)"))
 

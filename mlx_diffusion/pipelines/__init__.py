@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import WeightsError
+from ..errors import InputError, WeightsError
 from ..io.folder import INFO_FILE, WEIGHTS_FILE, read_info, read_json
 from ..io.safetensors import SafetensorsFile
 from ..models import kind_of
@@ -71,7 +71,7 @@ def read_loras(path, lora) -> tuple[list, tuple]:
 
 
 def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_text_encoders=False,
-                  max_sequence_length=None, lora=()) -> Pipeline:
+                  max_sequence_length=None, lora=(), shard=False) -> Pipeline:
     """Open a converted model folder; without a path (or "built-in"), the built-in model (it works offline, nothing to
     download).
 
@@ -79,7 +79,8 @@ def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_tex
     the denoising steps; use_t5=False: SD3 without T5 (zeros in its place, as diffusers); keep_text_encoders: keep
     them in memory between calls (they are released before denoising otherwise); max_sequence_length: T5's token
     count instead of the model's default; lora: LoRA files [(file, scale), ...] (a bare file: scale 1.0), fused into
-    float layers and added beside quantized ones as each component loads (`convert/lora.py` reads their layouts).
+    float layers and added beside quantized ones as each component loads (`convert/lora.py` reads their layouts);
+    shard: under `mlx.launch`, split the transformer across the ranks (FLUX; every rank then makes every image).
     Everything a generation will read is checked here: the info file, the scheduler config, every component's config
     and weight-file header, every LoRA key and shape.
     """
@@ -87,9 +88,18 @@ def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_tex
     path = BUILTIN_MODEL if builtin else Path(path)
     info, scheduler = check_model_folder(path)
     updates, record = read_loras(path, lora) if lora else ([], ())
-    return FAMILIES[info["family"]](path, info, scheduler, dtype=dtype, progress=progress, use_t5=use_t5,
+    if shard:
+        from .distributed import size
+
+        if size() == 1:
+            raise InputError("shard=True splits the transformer across processes started by mlx.launch; this is one")
+        if info["family"] != "flux":
+            raise InputError(f"shard=True splits FLUX transformers so far, not {info['family']}")
+    pipe = FAMILIES[info["family"]](path, info, scheduler, dtype=dtype, progress=progress, use_t5=use_t5,
                                     keep_text_encoders=keep_text_encoders, max_sequence_length=max_sequence_length,
                                     name=BUILTIN_NAME if builtin else str(path), lora=updates, lora_files=record)
+    pipe.shard = shard
+    return pipe
 
 
 __all__ = ["BUILTIN_MODEL", "BUILTIN_NAME", "FAMILIES", "FlowMatchEulerScheduler", "FluxPipeline", "GenerationSettings",

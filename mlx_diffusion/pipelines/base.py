@@ -122,6 +122,7 @@ class Pipeline:
         self._models = {}
         self._forwards = {}
         self._last = None
+        self.shard = False  # the transformer split across mlx.launch's ranks (load_pipeline(shard=True))
         self._lock = threading.RLock()  # one generation at a time: calls from other threads wait their turn
         d = info["defaults"]
         self.default_steps, self.default_guidance = d["steps"], d["guidance"]
@@ -138,6 +139,10 @@ class Pipeline:
                 from ..models.layers import add_low_rank
 
                 add_low_rank(model, updates)
+            if component == "transformer" and self.shard:
+                from .distributed import shard_transformer
+
+                shard_transformer(model, self.info["family"])
             self._models[component] = model
         return self._models[component]
 

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..errors import InputError
 
@@ -109,3 +110,108 @@ def check_same_model(folder: Path | None, name: str):
     if differ:
         raise InputError(f"rank {differ[0]} holds another model than rank 0 under {name}: every rank needs the same "
                          "model folder (the same conversion)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensor parallel: one image's transformer split across the ranks (Megatron-style, as MLX's nn sharding layers)
+
+
+class ShardedToAll(nn.Module):
+    """A Linear layer holding this rank's columns of the input: the ranks' partial products summed (all_sum), then
+    the bias, so every rank gets the whole output."""
+
+    def __init__(self, part: nn.Module, bias):
+        super().__init__()
+        self.part = part
+        if bias is not None:
+            self.bias = bias
+
+    def __call__(self, x):
+        y = mx.distributed.all_sum(self.part(x), group=group())
+        return y + self.bias if "bias" in self else y
+
+
+def _slice_linear(layer, rows: slice | None = None, cols: list[slice] | None = None):
+    """A Linear or QuantizedLinear keeping output rows `rows` and/or the input columns in `cols` (no bias when
+    columns are taken: the caller adds it once, after the sum)."""
+    from ..models.layers import Linear, QuantizedLinear
+
+    if isinstance(layer, QuantizedLinear):
+        per = 32 // layer.bits
+        for s in cols or ():
+            if s.start % layer.group_size or s.stop % layer.group_size:
+                raise InputError(f"cannot shard a {layer.bits}-bit layer with groups of {layer.group_size} at "
+                                 f"column {s.start}: use fewer ranks or a float model")
+        w, sc, bi = layer.weight, layer.scales, layer.biases
+        if rows is not None:
+            w, sc, bi = w[rows], sc[rows], bi[rows]
+        if cols:
+            w = mx.concatenate([w[:, s.start // per : s.stop // per] for s in cols], axis=1)
+            g = layer.group_size
+            sc = mx.concatenate([sc[:, s.start // g : s.stop // g] for s in cols], axis=1)
+            bi = mx.concatenate([bi[:, s.start // g : s.stop // g] for s in cols], axis=1)
+        out = QuantizedLinear(1, 1, False, layer.group_size, layer.bits)
+        out.weight, out.scales, out.biases = mx.contiguous(w), mx.contiguous(sc), mx.contiguous(bi)
+    else:
+        w = layer.weight if rows is None else layer.weight[rows]
+        if cols:
+            w = mx.concatenate([w[:, s] for s in cols], axis=1)
+        out = Linear(1, 1, bias=False)
+        out.weight = mx.contiguous(w)
+    if "bias" in layer and not cols:
+        out.bias = layer.bias if rows is None else mx.contiguous(layer.bias[rows])
+    return out
+
+
+def _rows(layer, n, r):
+    step = _out_dim(layer) // n
+    return _slice_linear(layer, rows=slice(r * step, (r + 1) * step))
+
+
+def _cols(layer, segments: list[int], n, r):
+    """Sharded-to-all over an input made of `segments` (widths), each split in n."""
+    cols, start = [], 0
+    for width in segments:
+        step = width // n
+        cols.append(slice(start + r * step, start + (r + 1) * step))
+        start += width
+    return ShardedToAll(_slice_linear(layer, cols=cols), layer.get("bias"))
+
+
+def _out_dim(layer):
+    return layer.scales.shape[0] if "scales" in layer else layer.weight.shape[0]
+
+
+def shard_transformer(model, family: str):
+    """Split a FLUX transformer's attention heads and MLP width across the ranks, in place: q/k/v and the MLPs' first
+    layers by output rows, the output projections by input columns with an all_sum. The embedders, modulations and
+    output layers stay whole on every rank."""
+    n, r = size(), rank()
+    if family != "flux":
+        raise InputError(f"--shard splits FLUX transformers so far, not {family}")
+    c = model.config
+    heads, inner = c.num_attention_heads, c.num_attention_heads * c.attention_head_dim
+    mlp = int(inner * 4.0)
+    if heads % n or mlp % n:
+        raise InputError(f"the model's {heads} attention heads do not split evenly across {n} ranks")
+    for block in model.transformer_blocks:
+        a = block.attn
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            setattr(a, name, _rows(getattr(a, name), n, r))
+        a.to_out[0] = _cols(a.to_out[0], [inner], n, r)
+        a.to_add_out = _cols(a.to_add_out, [inner], n, r)
+        a.heads = heads // n
+        for ff in (block.ff, block.ff_context):
+            ff.net[0].proj = _rows(ff.net[0].proj, n, r)
+            ff.net[2] = _cols(ff.net[2], [_out_dim(ff.net[0].proj) * n], n, r)
+    for block in model.single_transformer_blocks:
+        a = block.attn
+        for name in ("to_q", "to_k", "to_v"):
+            setattr(a, name, _rows(getattr(a, name), n, r))
+        a.heads = heads // n
+        width = _out_dim(block.proj_mlp)
+        block.proj_mlp = _rows(block.proj_mlp, n, r)
+        block.proj_out = _cols(block.proj_out, [inner, width], n, r)
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    return model

@@ -108,3 +108,60 @@ def test_a_rank_that_never_starts_ends_the_other_after_the_deadline(tmp_path):
                        timeout=120)
     assert r.returncode != 0 and "done" not in r.stdout, r.stdout + r.stderr  # ended (SIGKILL) by the deadline
     assert "rank 0: no answer from the other ranks in 5 s while connecting" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def flux_four_heads(tmp_path_factory):
+    """A tiny FLUX.1-schnell whose 4 attention heads split across 2 ranks; float32 and 8-bit (groups of 32)."""
+    import tiny_models
+    from mlx_diffusion.convert import convert
+
+    root = tmp_path_factory.mktemp("flux4")
+    pipe = tiny_models.tiny_flux_pipeline(dev=False)
+    pipe.register_modules(transformer=tiny_models.tiny_flux_transformer(heads=4, head_dim=16))
+    src = tiny_models.save(pipe, root / "diffusers")
+    log = lambda *a: None  # noqa: E731
+    return (convert(src, root / "float", bits=None, dtype="float32", progress=False, log=log),
+            convert(src, root / "q8", bits=8, group_size=32, dtype="float32", progress=False, log=log))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_sharded_transformer_gives_the_one_process_image(flux_four_heads, quantized, tmp_path):
+    folder = flux_four_heads[quantized]
+    args = ("--model", folder, "--prompt", "a red fox", "--seed", "4,5", "--width", 48, "--height", 32, "--steps", 2,
+            "--quiet")
+    r = launch("-m", "mlx_diffusion.generate", *args, "--shard", "-o", "two-{seed}.png", cwd=tmp_path)
+    assert r.stdout.split() == ["two-4.png", "two-5.png"], r.stdout + r.stderr  # rank 0 writes every image
+    r = generate(*args, "-o", "one-{seed}.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for seed in (4, 5):
+        two = np.asarray(Image.open(tmp_path / f"two-{seed}.png"), dtype=np.int16)
+        one = np.asarray(Image.open(tmp_path / f"one-{seed}.png"), dtype=np.int16)
+        assert np.abs(two - one).max() <= 1, seed  # 8-bit pixels: the sums' order differs, the image does not
+
+
+API_SCRIPT = """
+import sys, numpy as np
+import mlx_diffusion
+from mlx_diffusion import load_pipeline
+from mlx_diffusion.pipelines import distributed
+image = load_pipeline(sys.argv[1], progress=False, shard=sys.argv[2] == "shard").generate(
+    "a red fox", seed=4, width=48, height=32, steps=2, output_type="np")
+if distributed.rank() == 0:
+    np.save(sys.argv[3], image)
+"""
+
+
+def test_a_sharded_transformer_is_within_the_parity_bound(flux_four_heads, tmp_path):
+    (tmp_path / "x.py").write_text(API_SCRIPT)
+    launch("x.py", flux_four_heads[0], "shard", "two.npy", cwd=tmp_path)
+    r = subprocess.run([sys.executable, "x.py", flux_four_heads[0], "whole", "one.npy"], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    two, one = np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy")
+    assert np.abs(two - one).max() <= 1e-4 and one.std() > 0.05
+
+
+def test_shard_outside_mlx_launch_is_refused(flux_four_heads, tmp_path):
+    r = generate("--model", flux_four_heads[0], "--prompt", "a fox", "--shard", cwd=tmp_path)
+    assert r.returncode != 0 and "mlx.launch" in r.stderr and "Traceback" not in r.stderr
