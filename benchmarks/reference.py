@@ -29,6 +29,9 @@ FLUX_PRESETS = {
     # per-op overhead regime: the test models
     "tiny": dict(layers=2, single_layers=2, heads=3, head_dim=16, axes=(4, 6, 6), t5=(48, 2, 3, 16, 72),
                  clip=(32, 2, 2), vae=(8, 16, 16, 24), size=64),
+    # the same with 4 heads, which split across 2 ranks (bench_shard.py's test)
+    "tiny4": dict(layers=2, single_layers=2, heads=4, head_dim=16, axes=(4, 6, 6), t5=(48, 2, 3, 16, 72),
+                  clip=(32, 2, 2), vae=(8, 16, 16, 24), size=64),
     # real FLUX widths (3072 = 24 x 128, RoPE axes 16/56/56, real VAE and CLIP-L), few blocks, small T5
     "block": dict(layers=1, single_layers=2, heads=24, head_dim=128, axes=(16, 56, 56), t5=(4096, 2, 64, 64, 10240),
                   clip=(768, 12, 12), vae=(128, 256, 512, 512), size=512),

@@ -48,6 +48,7 @@ INLINE = {
     "python benchmarks/bench_lora.py": "tests/test_readme.py::test_lora_benchmark_runs",
     "python benchmarks/bench_step_cache.py": "tests/test_readme.py::test_step_cache_benchmark_runs",
     "python benchmarks/profile_step.py --family flux --size 1024": "tests/test_readme.py::test_step_profile_runs",
+    "python benchmarks/bench_shard.py": "tests/test_readme.py::test_shard_benchmark_runs",
     "python benchmarks/profile_step.py --family sd3 --size 1024": "tests/test_readme.py::test_step_profile_runs",
 }
 _HEAD = re.compile(r"^(python3? -m \S+|python3? -c|python3? \S+\.py|mlx-diffusion(-\w+)?( [a-z]+)?)( |$)")
@@ -301,3 +302,14 @@ def test_step_profile_runs(tmp_path, family):
         assert parts["gemm"] > 0 and parts["attention"] > 0
     assert record["ours"]["gemm_gflop"] > 0 and record["ours"]["gemm_peak_gflops"] > 0
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_shard_benchmark_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_shard.py"), "--preset", "tiny4", "--size", "64",
+                        "--steps", "2"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    one, two = record["runs"]["one process"], record["runs"]["2 ranks, --shard"]
+    assert len(one) == 1 and [x["rank"] for x in two] == [0, 1]
+    assert all(x["transformer_gb"] < one[0]["transformer_gb"] for x in two) and record["max_abs_diff"] <= 1e-4

@@ -212,19 +212,26 @@ def _quantized_layers(f: SafetensorsFile) -> dict:
         raise WeightsError(f"{f.path}: malformed {QUANT_KEY} metadata") from None
 
 
-def load_component(folder, dtype=None):
+def load_component(folder, dtype=None, shard=None):
     """The model its config.json declares, with the folder's weights, in eval mode.
 
     `dtype` casts floating-point weights (None keeps what the folder stores); quantized layers stay quantized.
+    `shard(model)`, when given, restructures the built (not yet loaded) model and returns `cut(name, array)`, which
+    gives the part of each tensor read from the file that the model keeps: only that part is ever held.
     """
     folder = Path(folder)
     config = read_json(folder / "config.json")
     model = kind_of(config, str(folder)).build(config, folder)
     f = SafetensorsFile(folder / WEIGHTS_FILE)
     quantize_layers(model, _quantized_layers(f))
+    cut = shard(model) if shard is not None else None
     weights = []
     for name in f.keys():
-        a = f.get(name)
+        if cut is None:
+            a = f.get(name)
+        else:
+            a = mx.array(np.ascontiguousarray(cut(name, f.raw(name))))
+            a = a.view(mx.bfloat16) if f.dtype(name) == "BF16" else a
         if dtype is not None and mx.issubdtype(a.dtype, mx.floating):
             a = a.astype(dtype)
         weights.append((name, a))

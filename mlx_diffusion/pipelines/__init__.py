@@ -95,6 +95,8 @@ def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_tex
             raise InputError("shard=True splits the transformer across processes started by mlx.launch; this is one")
         if info["family"] != "flux":
             raise InputError(f"shard=True splits FLUX transformers so far, not {info['family']}")
+        if lora:
+            raise InputError("shard=True does not take LoRAs yet: bake them in with `convert --lora` first")
     pipe = FAMILIES[info["family"]](path, info, scheduler, dtype=dtype, progress=progress, use_t5=use_t5,
                                     keep_text_encoders=keep_text_encoders, max_sequence_length=max_sequence_length,
                                     name=BUILTIN_NAME if builtin else str(path), lora=updates, lora_files=record)

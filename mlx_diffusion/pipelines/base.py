@@ -133,16 +133,17 @@ class Pipeline:
     def model(self, component: str):
         """Load a component once and keep it until `release`."""
         if component not in self._models:
-            model = load_component(self.path / component, dtype=self.dtype)
+            shard = None
+            if component == "transformer" and self.shard:  # only this rank's slices are read
+                from . import distributed
+
+                shard = partial(distributed.shard_model, family=self.info["family"])
+            model = load_component(self.path / component, dtype=self.dtype, shard=shard)
             updates = [(layer, down, up) for c, layer, down, up in self.lora if c == component]
             if updates:
                 from ..models.layers import add_low_rank
 
                 add_low_rank(model, updates)
-            if component == "transformer" and self.shard:
-                from .distributed import shard_transformer
-
-                shard_transformer(model, self.info["family"])
             self._models[component] = model
         return self._models[component]
 

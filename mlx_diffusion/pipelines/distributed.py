@@ -1,8 +1,10 @@
-"""Several processes (ranks) started by `mlx.launch` sharing one command's images: data parallel over MLX's own
-`mx.distributed` (ring over TCP or Thunderbolt, MPI, JACCL), no engine of ours.
+"""Several processes (ranks) started by `mlx.launch` working on one command, over MLX's own `mx.distributed` (ring over
+TCP or Thunderbolt, MPI, JACCL), no engine of ours.
 
-Rank r makes the images r, r + N, r + 2N, ... of the command's list (N ranks) and writes them itself, so the files
-are those of a one-process run, each on the machine of the rank that made it. The ranks talk only at the start:
+Data parallel (the default): rank r makes the images r, r + N, r + 2N, ... of the command's list (N ranks) and writes
+them itself, so the files are those of a one-process run, each on the machine of the rank that made it. Tensor
+parallel (`shard_model`, `--shard`): every rank makes every image with its share of the FLUX transformer's heads and
+MLP width, read from the file as slices, and rank 0 writes them. The ranks talk only at the start:
 rank 0's random seeds become everyone's, and every rank checks that all hold the same model. Each such exchange has
 a deadline (`MLX_DIFFUSION_COLLECTIVE_TIMEOUT`, default 120 s): a rank whose partners died or never started ends
 with a one-line message instead of waiting for ever. Outside `mlx.launch` the group has one rank and nothing is
@@ -17,9 +19,12 @@ import subprocess
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_unflatten
 
+from ..backends import cpu
 from ..errors import InputError
+from ..models.layers import Linear, QuantizedLinear
 
 _group = []
 
@@ -113,105 +118,149 @@ def check_same_model(folder: Path | None, name: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# tensor parallel: one image's transformer split across the ranks (Megatron-style, as MLX's nn sharding layers)
+# tensor parallel: one image's transformer split across the ranks (Megatron-style, as MLX's nn sharding layers), each
+# rank reading only its slices of the weights from the file
 
 
-class ShardedToAll(nn.Module):
-    """A Linear layer holding this rank's columns of the input: the ranks' partial products summed (all_sum), then
-    the bias, so every rank gets the whole output."""
-
-    def __init__(self, part: nn.Module, bias):
-        super().__init__()
-        self.part = part
-        if bias is not None:
-            self.bias = bias
+class ShardedToAllLinear(Linear):
+    """A Linear holding this rank's columns of the input: the ranks' partial products are summed (all_sum), then the
+    bias is added, so every rank gets the whole output. Its parameters keep the Linear's names."""
 
     def __call__(self, x):
-        y = mx.distributed.all_sum(self.part(x), group=group())
+        y = mx.distributed.all_sum(cpu.linear(x, self["weight"]), group=group())
+        return y + self["bias"] if "bias" in self else y
+
+
+class ShardedToAllQuantizedLinear(QuantizedLinear):
+    """ShardedToAllLinear on a quantized weight."""
+
+    def __call__(self, x):
+        y = cpu.quantized_linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        y = mx.distributed.all_sum(y, group=group())
         return y + self.bias if "bias" in self else y
 
 
-def _slice_linear(layer, rows: slice | None = None, cols: list[slice] | None = None):
-    """A Linear or QuantizedLinear keeping output rows `rows` and/or the input columns in `cols` (no bias when
-    columns are taken: the caller adds it once, after the sum)."""
-    from ..models.layers import Linear, QuantizedLinear
+def _gather(y):
+    """(..., O/N) on each rank -> (..., O): the ranks' parts side by side, in rank order."""
+    g = mx.distributed.all_gather(y.reshape(1, -1, y.shape[-1]), group=group())
+    return g.transpose(1, 0, 2).reshape(*y.shape[:-1], g.shape[0] * y.shape[-1])
 
+
+class GatheredLinear(Linear):
+    """A Linear holding this rank's share of the output rows, whose outputs are gathered from every rank: for the
+    modulations, a quarter of FLUX's weights with one vector per image as input."""
+
+    def __call__(self, x):
+        return _gather(super().__call__(x))
+
+
+class GatheredQuantizedLinear(QuantizedLinear):
+    """GatheredLinear on a quantized weight."""
+
+    def __call__(self, x):
+        return _gather(super().__call__(x))
+
+
+def _dims(layer) -> tuple[int, int]:
     if isinstance(layer, QuantizedLinear):
-        per = 32 // layer.bits
-        for s in cols or ():
-            if s.start % layer.group_size or s.stop % layer.group_size:
-                raise InputError(f"cannot shard a {layer.bits}-bit layer with groups of {layer.group_size} at "
-                                 f"column {s.start}: use fewer ranks or a float model")
-        w, sc, bi = layer.weight, layer.scales, layer.biases
-        if rows is not None:
-            w, sc, bi = w[rows], sc[rows], bi[rows]
-        if cols:
-            w = mx.concatenate([w[:, s.start // per : s.stop // per] for s in cols], axis=1)
-            g = layer.group_size
-            sc = mx.concatenate([sc[:, s.start // g : s.stop // g] for s in cols], axis=1)
-            bi = mx.concatenate([bi[:, s.start // g : s.stop // g] for s in cols], axis=1)
-        out = QuantizedLinear(1, 1, False, layer.group_size, layer.bits)
-        out.weight, out.scales, out.biases = mx.contiguous(w), mx.contiguous(sc), mx.contiguous(bi)
-    else:
-        w = layer.weight if rows is None else layer.weight[rows]
-        if cols:
-            w = mx.concatenate([w[:, s] for s in cols], axis=1)
-        out = Linear(1, 1, bias=False)
-        out.weight = mx.contiguous(w)
-    if "bias" in layer and not cols:
-        out.bias = layer.bias if rows is None else mx.contiguous(layer.bias[rows])
-    return out
+        return layer.scales.shape[0], layer.scales.shape[1] * layer.group_size
+    return layer.weight.shape
 
 
-def _rows(layer, n, r):
-    step = _out_dim(layer) // n
-    return _slice_linear(layer, rows=slice(r * step, (r + 1) * step))
+_SHELLS = {"rows": (Linear, QuantizedLinear), "cols": (ShardedToAllLinear, ShardedToAllQuantizedLinear),
+           "gather": (GatheredLinear, GatheredQuantizedLinear)}
 
 
-def _cols(layer, segments: list[int], n, r):
-    """Sharded-to-all over an input made of `segments` (widths), each split in n."""
-    cols, start = [], 0
-    for width in segments:
-        step = width // n
-        cols.append(slice(start + r * step, start + (r + 1) * step))
-        start += width
-    return ShardedToAll(_slice_linear(layer, cols=cols), layer.get("bias"))
+def _shell(layer, out_dims: int, in_dims: int, how: str):
+    """An unloaded layer of the same kind at the sharded shape."""
+    bias = "bias" in layer
+    if isinstance(layer, QuantizedLinear):
+        return _SHELLS[how][1](in_dims, out_dims, bias, layer.group_size, layer.bits)
+    return _SHELLS[how][0](in_dims, out_dims, bias=bias)
 
 
-def _out_dim(layer):
-    return layer.scales.shape[0] if "scales" in layer else layer.weight.shape[0]
+def _split(width: int, n: int, r: int, what: str) -> slice:
+    if width % n:
+        raise InputError(f"{what} of {width} does not split evenly across {n} ranks")
+    step = width // n
+    return slice(r * step, (r + 1) * step)
 
 
-def shard_transformer(model, family: str):
-    """Split a FLUX transformer's attention heads and MLP width across the ranks, in place: q/k/v and the MLPs' first
-    layers by output rows, the output projections by input columns with an all_sum. The embedders, modulations and
-    output layers stay whole on every rank."""
-    n, r = size(), rank()
+def shard_model(model, family: str):
+    """Replace a FLUX transformer's attention, MLP and modulation layers (not yet loaded) by this rank's shells: q/k/v
+    and the MLPs' first layers keep their share of output rows, the output projections their share of input columns
+    (summed over ranks), the modulations their share of output rows (gathered from all ranks). Returns {layer path: ("rows", slice) | ("cols", [slices])}, what `slicer` cuts from the file."""
     if family != "flux":
         raise InputError(f"--shard splits FLUX transformers so far, not {family}")
+    n, r = size(), rank()
     c = model.config
     heads, inner = c.num_attention_heads, c.num_attention_heads * c.attention_head_dim
-    mlp = int(inner * 4.0)
-    if heads % n or mlp % n:
+    if heads % n:
         raise InputError(f"the model's {heads} attention heads do not split evenly across {n} ranks")
-    for block in model.transformer_blocks:
-        a = block.attn
+    head_rows = _split(inner, n, r, "the attention width")
+    plan, replace = {}, []
+
+    def rows(path, layer, cut, how="rows"):
+        out_dims, in_dims = _dims(layer)
+        plan[path] = ("rows", cut)
+        replace.append((path, _shell(layer, cut.stop - cut.start, in_dims, how)))
+
+    def gathered(path, layer):
+        rows(path, layer, _split(_dims(layer)[0], n, r, "a modulation's width"), "gather")
+
+    def cols(path, layer, widths):
+        out_dims, _ = _dims(layer)
+        cuts, start = [], 0
+        for width in widths:
+            cut = _split(width, n, r, "a layer's input")
+            cuts.append(slice(start + cut.start, start + cut.stop))
+            start += width
+        if isinstance(layer, QuantizedLinear) and any(s.start % layer.group_size for s in cuts):
+            raise InputError(f"cannot split {path}'s groups of {layer.group_size} across {n} ranks: use fewer ranks or "
+                             "a float model")
+        plan[path] = ("cols", cuts)
+        replace.append((path, _shell(layer, out_dims, sum(s.stop - s.start for s in cuts), "cols")))
+
+    for i, block in enumerate(model.transformer_blocks):
+        p = f"transformer_blocks.{i}"
         for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-            setattr(a, name, _rows(getattr(a, name), n, r))
-        a.to_out[0] = _cols(a.to_out[0], [inner], n, r)
-        a.to_add_out = _cols(a.to_add_out, [inner], n, r)
-        a.heads = heads // n
-        for ff in (block.ff, block.ff_context):
-            ff.net[0].proj = _rows(ff.net[0].proj, n, r)
-            ff.net[2] = _cols(ff.net[2], [_out_dim(ff.net[0].proj) * n], n, r)
-    for block in model.single_transformer_blocks:
-        a = block.attn
+            rows(f"{p}.attn.{name}", getattr(block.attn, name), head_rows)
+        cols(f"{p}.attn.to_out.0", block.attn.to_out[0], [inner])
+        cols(f"{p}.attn.to_add_out", block.attn.to_add_out, [inner])
+        block.attn.heads = heads // n
+        gathered(f"{p}.norm1.linear", block.norm1.linear)
+        gathered(f"{p}.norm1_context.linear", block.norm1_context.linear)
+        for ff in ("ff", "ff_context"):
+            width = _dims(getattr(block, ff).net[0].proj)[0]
+            rows(f"{p}.{ff}.net.0.proj", getattr(block, ff).net[0].proj, _split(width, n, r, "an MLP's width"))
+            cols(f"{p}.{ff}.net.2", getattr(block, ff).net[2], [width])
+    for i, block in enumerate(model.single_transformer_blocks):
+        p = f"single_transformer_blocks.{i}"
         for name in ("to_q", "to_k", "to_v"):
-            setattr(a, name, _rows(getattr(a, name), n, r))
-        a.heads = heads // n
-        width = _out_dim(block.proj_mlp)
-        block.proj_mlp = _rows(block.proj_mlp, n, r)
-        block.proj_out = _cols(block.proj_out, [inner, width], n, r)
-    mx.eval(model.parameters())
-    mx.clear_cache()
-    return model
+            rows(f"{p}.attn.{name}", getattr(block.attn, name), head_rows)
+        block.attn.heads = heads // n
+        gathered(f"{p}.norm.linear", block.norm.linear)
+        width = _dims(block.proj_mlp)[0]
+        rows(f"{p}.proj_mlp", block.proj_mlp, _split(width, n, r, "an MLP's width"))
+        cols(f"{p}.proj_out", block.proj_out, [inner, width])
+    gathered("norm_out.linear", model.norm_out.linear)
+    model.update_modules(tree_unflatten(replace))
+    layers = dict(model.named_modules())
+    return lambda name, array: _cut(name, array, plan, layers)
+
+
+def _cut(name: str, array, plan: dict, layers: dict):
+    """This rank's part of a tensor read from the file (numpy, so only the part is copied into MLX)."""
+    path, _, leaf = name.rpartition(".")
+    if path not in plan:
+        return array
+    how, cut = plan[path]
+    layer = layers[path]
+    scale = 1
+    if isinstance(layer, QuantizedLinear):
+        scale = {"weight": layer.bits / 32, "scales": 1 / layer.group_size, "biases": 1 / layer.group_size}.get(leaf, 1)
+    if how == "rows":
+        return array[cut]
+    if leaf == "bias":  # added once, after the sum
+        return array
+    return np.concatenate([array[:, int(s.start * scale) : int(s.stop * scale)] for s in cut], axis=1)

@@ -145,8 +145,11 @@ import sys, numpy as np
 import mlx_diffusion
 from mlx_diffusion import load_pipeline
 from mlx_diffusion.pipelines import distributed
-image = load_pipeline(sys.argv[1], progress=False, shard=sys.argv[2] == "shard").generate(
-    "a red fox", seed=4, width=48, height=32, steps=2, output_type="np")
+from mlx.utils import tree_flatten
+pipe = load_pipeline(sys.argv[1], progress=False, shard=sys.argv[2] == "shard")
+image = pipe.generate("a red fox", seed=4, width=48, height=32, steps=2, output_type="np")
+held = sum(v.nbytes for _, v in tree_flatten(pipe.model("transformer").parameters()))
+print("held", distributed.rank(), held)
 if distributed.rank() == 0:
     np.save(sys.argv[3], image)
 """
@@ -154,12 +157,16 @@ if distributed.rank() == 0:
 
 def test_a_sharded_transformer_is_within_the_parity_bound(flux_four_heads, tmp_path):
     (tmp_path / "x.py").write_text(API_SCRIPT)
-    launch("x.py", flux_four_heads[0], "shard", "two.npy", cwd=tmp_path)
+    sharded = launch("x.py", flux_four_heads[0], "shard", "two.npy", cwd=tmp_path)
     r = subprocess.run([sys.executable, "x.py", flux_four_heads[0], "whole", "one.npy"], cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     two, one = np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy")
     assert np.abs(two - one).max() <= 1e-4 and one.std() > 0.05
+    # each rank holds its half of the split layers (the embedders and modulations stay whole)
+    whole = int(r.stdout.split()[-1])
+    held = [int(line.split()[-1]) for line in sharded.stdout.splitlines() if line.startswith("held")]
+    assert len(held) == 2 and held[0] == held[1] and 0.5 * whole < held[0] < 0.8 * whole, (held, whole)
 
 
 def test_shard_outside_mlx_launch_is_refused(flux_four_heads, tmp_path):
