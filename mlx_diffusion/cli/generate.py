@@ -147,7 +147,7 @@ def recorded_model(model: str | None) -> Path | None:
                    "output by at most this fraction, reuse the other blocks' last result. Faster; the image changes "
                    "(see the README) [off].")
 @click.option("--shard", is_flag=True,
-              help="Under mlx.launch: split the transformer across the processes (FLUX), each holding part of it; "
+              help="Under mlx.launch: split the transformer across the processes, each holding part of it; "
                    "every process makes every image, the first writes them [off: the images are shared out].")
 @click.option("--no-t5", is_flag=True, help="SD3 only: never load T5; its embedding is zeros (saves ~9.5 GB).")
 @click.option("--quiet", is_flag=True, help="No progress bar or timings.")

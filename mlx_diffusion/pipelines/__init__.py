@@ -80,7 +80,7 @@ def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_tex
     them in memory between calls (they are released before denoising otherwise); max_sequence_length: T5's token
     count instead of the model's default; lora: LoRA files [(file, scale), ...] (a bare file: scale 1.0), fused into
     float layers and added beside quantized ones as each component loads (`convert/lora.py` reads their layouts);
-    shard: under `mlx.launch`, split the transformer across the ranks (FLUX; every rank then makes every image).
+    shard: under `mlx.launch`, split the transformer across the ranks (every rank then makes every image).
     Everything a generation will read is checked here: the info file, the scheduler config, every component's config
     and weight-file header, every LoRA key and shape.
     """
@@ -93,8 +93,6 @@ def load_pipeline(path=None, *, dtype=None, progress=True, use_t5=True, keep_tex
 
         if size() == 1:
             raise InputError("shard=True splits the transformer across processes started by mlx.launch; this is one")
-        if info["family"] != "flux":
-            raise InputError(f"shard=True splits FLUX transformers so far, not {info['family']}")
         if lora:
             raise InputError("shard=True does not take LoRAs yet: bake them in with `convert --lora` first")
     pipe = FAMILIES[info["family"]](path, info, scheduler, dtype=dtype, progress=progress, use_t5=use_t5,

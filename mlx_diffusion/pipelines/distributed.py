@@ -3,8 +3,8 @@ TCP or Thunderbolt, MPI, JACCL), no engine of ours.
 
 Data parallel (the default): rank r makes the images r, r + N, r + 2N, ... of the command's list (N ranks) and writes
 them itself, so the files are those of a one-process run, each on the machine of the rank that made it. Tensor
-parallel (`shard_model`, `--shard`): every rank makes every image with its share of the FLUX transformer's heads and
-MLP width, read from the file as slices, and rank 0 writes them. The ranks talk only at the start:
+parallel (`shard_model`, `--shard`): every rank makes every image with its share of the transformer's heads, MLP
+width and modulations, read from the file as slices, and rank 0 writes them. The ranks talk only at the start:
 rank 0's random seeds become everyone's, and every rank checks that all hold the same model. Each such exchange has
 a deadline (`MLX_DIFFUSION_COLLECTIVE_TIMEOUT`, default 120 s): a rank whose partners died or never started ends
 with a one-line message instead of waiting for ever. Outside `mlx.launch` the group has one rank and nothing is
@@ -186,67 +186,83 @@ def _split(width: int, n: int, r: int, what: str) -> slice:
     return slice(r * step, (r + 1) * step)
 
 
-def shard_model(model, family: str):
-    """Replace a FLUX transformer's attention, MLP and modulation layers (not yet loaded) by this rank's shells: q/k/v
-    and the MLPs' first layers keep their share of output rows, the output projections their share of input columns
-    (summed over ranks), the modulations their share of output rows (gathered from all ranks). Returns {layer path: ("rows", slice) | ("cols", [slices])}, what `slicer` cuts from the file."""
-    if family != "flux":
-        raise InputError(f"--shard splits FLUX transformers so far, not {family}")
-    n, r = size(), rank()
-    c = model.config
-    heads, inner = c.num_attention_heads, c.num_attention_heads * c.attention_head_dim
-    if heads % n:
-        raise InputError(f"the model's {heads} attention heads do not split evenly across {n} ranks")
-    head_rows = _split(inner, n, r, "the attention width")
-    plan, replace = {}, []
+class _Planner:
+    """Collects this rank's shells of a model's layers and how to cut each from the file."""
 
-    def rows(path, layer, cut, how="rows"):
-        out_dims, in_dims = _dims(layer)
-        plan[path] = ("rows", cut)
-        replace.append((path, _shell(layer, cut.stop - cut.start, in_dims, how)))
+    def __init__(self, n: int, r: int):
+        self.n, self.r, self.plan, self.replace = n, r, {}, []
 
-    def gathered(path, layer):
-        rows(path, layer, _split(_dims(layer)[0], n, r, "a modulation's width"), "gather")
+    def rows(self, path, layer, cut, how="rows"):
+        _, in_dims = _dims(layer)
+        self.plan[path] = ("rows", cut)
+        self.replace.append((path, _shell(layer, cut.stop - cut.start, in_dims, how)))
 
-    def cols(path, layer, widths):
+    def gathered(self, path, layer):
+        self.rows(path, layer, _split(_dims(layer)[0], self.n, self.r, "a modulation's width"), "gather")
+
+    def cols(self, path, layer, widths):
         out_dims, _ = _dims(layer)
         cuts, start = [], 0
         for width in widths:
-            cut = _split(width, n, r, "a layer's input")
+            cut = _split(width, self.n, self.r, "a layer's input")
             cuts.append(slice(start + cut.start, start + cut.stop))
             start += width
         if isinstance(layer, QuantizedLinear) and any(s.start % layer.group_size for s in cuts):
-            raise InputError(f"cannot split {path}'s groups of {layer.group_size} across {n} ranks: use fewer ranks or "
-                             "a float model")
-        plan[path] = ("cols", cuts)
-        replace.append((path, _shell(layer, out_dims, sum(s.stop - s.start for s in cuts), "cols")))
+            raise InputError(f"cannot split {path}'s groups of {layer.group_size} across {self.n} ranks: use fewer "
+                             "ranks or a float model")
+        self.plan[path] = ("cols", cuts)
+        self.replace.append((path, _shell(layer, out_dims, sum(s.stop - s.start for s in cuts), "cols")))
 
+    def attention(self, path, attn, heads, inner, names=("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                           "add_v_proj")):
+        """Heads split: the projections by output rows, the output projections by input columns."""
+        if heads % self.n:
+            raise InputError(f"the model's {heads} attention heads do not split evenly across {self.n} ranks")
+        cut = _split(inner, self.n, self.r, "the attention width")
+        for name in names:
+            if name in attn:
+                self.rows(f"{path}.{name}", attn[name], cut)
+        if "to_out" in attn:
+            self.cols(f"{path}.to_out.0", attn.to_out[0], [inner])
+        if "to_add_out" in attn:
+            self.cols(f"{path}.to_add_out", attn.to_add_out, [inner])
+        attn.heads = heads // self.n
+
+    def mlp(self, path, ff):
+        width = _dims(ff.net[0].proj)[0]
+        self.rows(f"{path}.net.0.proj", ff.net[0].proj, _split(width, self.n, self.r, "an MLP's width"))
+        self.cols(f"{path}.net.2", ff.net[2], [width])
+
+
+def shard_model(model, family: str):
+    """Replace a FLUX or SD3 transformer's attention, MLP and modulation layers (not yet loaded) by this rank's shells:
+    q/k/v and the MLPs' first layers keep their share of output rows, the output projections their share of input
+    columns (summed over ranks), the modulations their share of output rows (gathered from all ranks). The embedders
+    and the output projection stay whole. Returns `cut(name, array)`: this rank's part of each tensor in the file."""
+    c = model.config
+    heads, inner = c.num_attention_heads, c.num_attention_heads * c.attention_head_dim
+    pl = _Planner(size(), rank())
     for i, block in enumerate(model.transformer_blocks):
         p = f"transformer_blocks.{i}"
-        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-            rows(f"{p}.attn.{name}", getattr(block.attn, name), head_rows)
-        cols(f"{p}.attn.to_out.0", block.attn.to_out[0], [inner])
-        cols(f"{p}.attn.to_add_out", block.attn.to_add_out, [inner])
-        block.attn.heads = heads // n
-        gathered(f"{p}.norm1.linear", block.norm1.linear)
-        gathered(f"{p}.norm1_context.linear", block.norm1_context.linear)
-        for ff in ("ff", "ff_context"):
-            width = _dims(getattr(block, ff).net[0].proj)[0]
-            rows(f"{p}.{ff}.net.0.proj", getattr(block, ff).net[0].proj, _split(width, n, r, "an MLP's width"))
-            cols(f"{p}.{ff}.net.2", getattr(block, ff).net[2], [width])
-    for i, block in enumerate(model.single_transformer_blocks):
+        pl.attention(f"{p}.attn", block.attn, heads, inner)
+        if "attn2" in block:  # SD3.5's image-only self-attention
+            pl.attention(f"{p}.attn2", block.attn2, heads, inner)
+        pl.gathered(f"{p}.norm1.linear", block.norm1.linear)
+        pl.gathered(f"{p}.norm1_context.linear", block.norm1_context.linear)
+        pl.mlp(f"{p}.ff", block.ff)
+        if "ff_context" in block:  # not in SD3's last block
+            pl.mlp(f"{p}.ff_context", block.ff_context)
+    for i, block in enumerate(getattr(model, "single_transformer_blocks", [])):  # FLUX
         p = f"single_transformer_blocks.{i}"
-        for name in ("to_q", "to_k", "to_v"):
-            rows(f"{p}.attn.{name}", getattr(block.attn, name), head_rows)
-        block.attn.heads = heads // n
-        gathered(f"{p}.norm.linear", block.norm.linear)
+        pl.attention(f"{p}.attn", block.attn, heads, inner, names=("to_q", "to_k", "to_v"))
+        pl.gathered(f"{p}.norm.linear", block.norm.linear)
         width = _dims(block.proj_mlp)[0]
-        rows(f"{p}.proj_mlp", block.proj_mlp, _split(width, n, r, "an MLP's width"))
-        cols(f"{p}.proj_out", block.proj_out, [inner, width])
-    gathered("norm_out.linear", model.norm_out.linear)
-    model.update_modules(tree_unflatten(replace))
+        pl.rows(f"{p}.proj_mlp", block.proj_mlp, _split(width, pl.n, pl.r, "an MLP's width"))
+        pl.cols(f"{p}.proj_out", block.proj_out, [inner, width])
+    pl.gathered("norm_out.linear", model.norm_out.linear)
+    model.update_modules(tree_unflatten(pl.replace))
     layers = dict(model.named_modules())
-    return lambda name, array: _cut(name, array, plan, layers)
+    return lambda name, array: _cut(name, array, pl.plan, layers)
 
 
 def _cut(name: str, array, plan: dict, layers: dict):

@@ -147,7 +147,8 @@ from mlx_diffusion import load_pipeline
 from mlx_diffusion.pipelines import distributed
 from mlx.utils import tree_flatten
 pipe = load_pipeline(sys.argv[1], progress=False, shard=sys.argv[2] == "shard")
-image = pipe.generate("a red fox", seed=4, width=48, height=32, steps=2, output_type="np")
+size = {} if sys.argv[1] == "built-in" else dict(width=48, height=32)
+image = pipe.generate("a red fox", seed=4, steps=2, output_type="np", **size)
 held = sum(v.nbytes for _, v in tree_flatten(pipe.model("transformer").parameters()))
 print("held", distributed.rank(), held)
 if distributed.rank() == 0:
@@ -155,10 +156,14 @@ if distributed.rank() == 0:
 """
 
 
-def test_a_sharded_transformer_is_within_the_parity_bound(flux_four_heads, tmp_path):
+@pytest.mark.parametrize("model", ["flux", "builtin"])
+def test_a_sharded_transformer_is_within_the_parity_bound(flux_four_heads, model, tmp_path):
+    """FLUX (double and single blocks) and the built-in model (SD3's joint blocks, its last one without a text
+    output; 8-bit weights in groups of 64 split at 64)."""
+    folder = flux_four_heads[0] if model == "flux" else "built-in"
     (tmp_path / "x.py").write_text(API_SCRIPT)
-    sharded = launch("x.py", flux_four_heads[0], "shard", "two.npy", cwd=tmp_path)
-    r = subprocess.run([sys.executable, "x.py", flux_four_heads[0], "whole", "one.npy"], cwd=tmp_path,
+    sharded = launch("x.py", folder, "shard", "two.npy", cwd=tmp_path)
+    r = subprocess.run([sys.executable, "x.py", folder, "whole", "one.npy"], cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     two, one = np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy")
