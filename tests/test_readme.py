@@ -243,6 +243,14 @@ def test_every_readme_command_runs(sandbox):
             _run([sys.executable, *args[1:]], work, env)
 
 
+def _benchmark_record(script: str, *args, timeout=900) -> dict:
+    """Run benchmarks/SCRIPT with ARGS; its last output line, the JSON record."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_memory_benchmark_runs(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--tiny", "--size", "64",
@@ -263,28 +271,20 @@ def test_convert_benchmark_runs(tmp_path):
 
 @pytest.mark.slow
 def test_batch_benchmark_runs():
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_batch.py"), "--images", "2", "--batch", "2",
-                        "--steps", "2"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout.strip().splitlines()[-1])
+    record = _benchmark_record("bench_batch.py", "--images", 2, "--batch", 2, "--steps", 2, timeout=600)
     assert record["batch"] == 2 and record["speedup"] > 0
 
 
 @pytest.mark.slow
 def test_lora_benchmark_runs():
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora.py"), "--preset", "tiny", "--bits", "8",
-                        "--rank", "2", "--size", "64", "--steps", "2"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout.strip().splitlines()[-1])
+    record = _benchmark_record("bench_lora.py", "--preset", "tiny", "--bits", 8, "--rank", 2, "--size", 64,
+                               "--steps", 2)
     assert record["layers"] > 0 and record["beside_s"] > 0 and record["baked_s"] > 0
 
 
 @pytest.mark.slow
 def test_step_cache_benchmark_runs():
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step_cache.py"), "--prompts", "4", "--steps", "6",
-                        "--thresholds", "0.3"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout.strip().splitlines()[-1])
+    record = _benchmark_record("bench_step_cache.py", "--prompts", 4, "--steps", 6, "--thresholds", "0.3")
     assert set(record["rows"]) == {"off", "0.3"} and record["rows"]["off"]["skipped"] == 0
     assert 0 <= record["rows"]["0.3"]["skipped"] < 1 and record["rows"]["0.3"]["seconds_per_image"] > 0
 
@@ -292,10 +292,8 @@ def test_step_cache_benchmark_runs():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_step_profile_runs(tmp_path, family):
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--family", family, "--preset",
-                        "tiny", "--size", "64", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout.strip().splitlines()[-1])
+    record = _benchmark_record("profile_step.py", "--family", family, "--preset", "tiny", "--size", 64, "--workdir",
+                               tmp_path)
     for side in ("ours", "diffusers"):
         parts = record[side]["parts_ms"]
         assert set(parts) == {"gemm", "attention", "gelu", "norms", "other"} and record[side]["step_ms"] > 0
@@ -306,10 +304,7 @@ def test_step_profile_runs(tmp_path, family):
 
 @pytest.mark.slow
 def test_shard_benchmark_runs():
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_shard.py"), "--preset", "tiny4", "--size", "64",
-                        "--steps", "2"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    record = json.loads(r.stdout.strip().splitlines()[-1])
+    record = _benchmark_record("bench_shard.py", "--preset", "tiny4", "--size", 64, "--steps", 2)
     one, two = record["runs"]["one process"], record["runs"]["2 ranks, --shard"]
     assert len(one) == 1 and [x["rank"] for x in two] == [0, 1]
     assert all(x["transformer_gb"] < one[0]["transformer_gb"] for x in two) and record["max_abs_diff"] <= 1e-4

@@ -135,9 +135,7 @@ class Pipeline:
         if component not in self._models:
             shard = None
             if component == "transformer" and self.shard:  # only this rank's slices are read
-                from . import distributed
-
-                shard = partial(distributed.shard_model, family=self.info["family"])
+                from .distributed import shard_model as shard
             model = load_component(self.path / component, dtype=self.dtype, shard=shard)
             updates = [(layer, down, up) for c, layer, down, up in self.lora if c == component]
             if updates:

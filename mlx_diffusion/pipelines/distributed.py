@@ -234,7 +234,7 @@ class _Planner:
         self.cols(f"{path}.net.2", ff.net[2], [width])
 
 
-def shard_model(model, family: str):
+def shard_model(model):
     """Replace a FLUX or SD3 transformer's attention, MLP and modulation layers (not yet loaded) by this rank's shells:
     q/k/v and the MLPs' first layers keep their share of output rows, the output projections their share of input
     columns (summed over ranks), the modulations their share of output rows (gathered from all ranks). The embedders
