@@ -7,8 +7,9 @@ functions (exp, tanh, sigmoid) one value at a time at ~10-40 ns each, convolves 
 So on the CPU in float32:
 - exp in the softmax and tanh in GELU / SiLU are multiply-add polynomials that `mx.compile` fuses into a few
   vectorised passes (Eigen's float tanh; a Taylor exp raised to the 64th power);
-- attention runs in cache-sized chunks alternately on two CPU streams (MLX gives each stream a thread), which puts
-  the softmax on both cores;
+- attention over long sequences runs in a C kernel of ours (`attention.c`, built by `native.py`): tasks of one head
+  and a few hundred query rows on every core, BLAS products, a vectorised softmax; shorter ones run in cache-sized
+  chunks alternately on two CPU streams (MLX gives each stream a thread), which puts the softmax on both cores;
 - 3x3 convs are Winograd F(4x4, 3x3), with the decoder's nearest x2 upsampling folded into the input transform, and
   large maps run in bands of rows (`BAND_ELEMENTS`), which bounds peak memory; small maps (`FUSED_MIN_ELEMENTS`)
   use MLX's own ops, which are as fast there and need no kernel built on first use;
@@ -20,6 +21,8 @@ forms off.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import os
 import shutil
@@ -28,6 +31,9 @@ import threading
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+from . import blas, native
 
 # ---------------------------------------------------------------------------------------------------------------
 # the compile guard
@@ -160,10 +166,98 @@ def _cpu_streams():
     return stream, stream
 
 
+# From this many scores per call (B * H * L * S) attention runs in the native kernel (`attention.c`). Below it the
+# MLX form is as quick and stays inside a compiled graph (the built-in model's ~10^5 scores a call).
+NATIVE_MIN_SCORES = 1 << 22
+
+_local = threading.local()
+_blas_lock = threading.Lock()
+
+
+class EagerOnly(Exception):
+    """Raised while `mx.compile` traces a call made under `eager_fallback()` by an operation that has to run
+    eagerly (the native attention evaluates its inputs); the caller then runs the function uncompiled."""
+
+
+@contextlib.contextmanager
+def eager_fallback():
+    """Inside: a traced call to `attention` that would use the native kernel raises EagerOnly instead of falling back
+    to MLX's ops. `Pipeline.forward` traces under it and, on EagerOnly, keeps the call uncompiled: for models big
+    enough to need the kernel, compilation's fusions are worth far less than the kernel (FLUX `block` at 1024x1024,
+    one step with `benchmarks/profile_step.py`: 37.7 s compiled with MLX's attention, 29.3 s eager with the kernel)."""
+    before = getattr(_local, "raise_eager", False)
+    _local.raise_eager = True
+    try:
+        yield
+    finally:
+        _local.raise_eager = before
+
+
+@functools.cache
+def _native_kernel():
+    """(md_attention, cblas_sgemm's address, openblas_get/set_num_threads) or None: the kernel needs the process's
+    OpenBLAS (`blas.interpose`), both for its products and to run them one thread per task."""
+    lib = native.load("attention")
+    if lib is None or blas.loaded_path is None:
+        return None
+    try:
+        openblas = ctypes.CDLL(blas.loaded_path)
+        sgemm = ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p).value
+        get_threads, set_threads = openblas.openblas_get_num_threads, openblas.openblas_set_num_threads
+    except (OSError, AttributeError):  # MLX_DIFFUSION_BLAS pointing at a BLAS other than OpenBLAS
+        return None
+    fn = lib.md_attention
+    fn.restype = ctypes.c_int
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [ptr] * 4 + [i32] * 5 + [ptr] * 4 + [ctypes.c_float, i32, ptr]
+    return fn, sgemm, get_threads, set_threads
+
+
+def _host_view(a):
+    """A NumPy view of an evaluated float32 MLX array (its memory, no copy), last axis contiguous."""
+    x = np.asarray(a)
+    return x if x.strides[-1] == 4 else np.ascontiguousarray(x)
+
+
+def _native_attention(q, k, v, scale: float):
+    """The native kernel's attention, merged as (B, L, H*D); None where it cannot run here (no kernel, or inside a
+    trace that is not `eager_fallback`'s: a gradient, a compile of someone else's)."""
+    kernel = _native_kernel()
+    if kernel is None:
+        return None
+    fn, sgemm, get_threads, set_threads = kernel
+    try:
+        mx.eval(q, k, v)
+    except ValueError:  # "[eval] Attempting to eval an array during function transformations ..."
+        if getattr(_local, "raise_eager", False):
+            raise EagerOnly("attention") from None
+        return None
+    qn, kn, vn = (_host_view(t) for t in (q, k, v))
+    B, H, L, D = qn.shape
+    S = kn.shape[2]
+    out = np.empty((B, L, H * D), np.float32)
+    strides = [(ctypes.c_int64 * 4)(*(s // 4 for s in t.strides))
+               for t in (qn, kn, vn, out.reshape(B, L, H, D).transpose(0, 2, 1, 3))]
+    rows = max(16, min(L, (1 << 20) // S))  # ~4 MB of scores per task: a core's share of the L2/L3 caches
+    with _blas_lock:  # one caller at a time changes OpenBLAS's thread count (a web server's workers)
+        threads = get_threads()
+        set_threads(1)
+        try:
+            failed = fn(qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.ctypes.data, B, H, L, S, D, *strides,
+                        scale, rows, sgemm)
+        finally:
+            set_threads(threads)
+    if failed:
+        raise MemoryError(f"attention: could not allocate {rows} x {S} scores per thread")
+    return mx.array(out)
+
+
 def attention(q, k, v, scale: float | None = None, max_scores: int = 1 << 22):
     """softmax(q k^T * scale) v for (B, H, L, D) inputs, returned merged as (B, L, H*D). scale=None: D**-0.5.
 
-    On the CPU the work is cut into chunks of one head and as many query rows as keep a sample's scores within
+    On the CPU in float32 with at least NATIVE_MIN_SCORES scores, the native kernel (`attention.c`: tasks of one
+    head and a few hundred query rows on every core, BLAS products, a vectorised exact-to-1-ulp softmax). Otherwise
+    on the CPU the work is cut into chunks of one head and as many query rows as keep a sample's scores within
     `max_scores` values (cache-sized, and a few big GEMMs rather than many thin ones), alternating between two
     streams; in float32 the softmax uses the polynomial exponential above (output relative error ~5e-6) and
     normalises after the second matmul. Elsewhere: `mx.fast.scaled_dot_product_attention`.
@@ -174,10 +268,14 @@ def attention(q, k, v, scale: float | None = None, max_scores: int = 1 << 22):
     if not on_cpu():
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
         return o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    fast = _fast(q)
+    if fast and B * H * L * S >= NATIVE_MIN_SCORES:
+        out = _native_attention(q, k, v, scale)
+        if out is not None:
+            return out
     if scale != 1.0:
         q = q * scale
     v = mx.contiguous(v)  # sliced once per chunk below
-    fast = _fast(q)
     rows = max(1, min(L, max_scores // S))  # per sample: a sample's products must not depend on the batch's size
     heads, n = [], 0
     for h in range(H):

@@ -118,7 +118,7 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(C))
+        o = cpu.attention(q, k, v, scale=1.0 / math.sqrt(C))  # at 1024x1024: 16,384 positions, 2^28 scores
         return x + self.to_out[0](o).reshape(B, H, W, C)
 
 

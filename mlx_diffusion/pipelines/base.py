@@ -155,12 +155,13 @@ class Pipeline:
         """The component's call, traced once per input shape by `mx.compile`: the same numbers (checked bit for bit)
         with fewer, fused operations; ~3x faster per step for the built-in model on a CPU, where per-op overhead
         dominates. `bind`: keyword arguments fixed at trace time (FLUX's position ids, read on the host), `key` names
-        them. Without a compiler (no g++ on Linux, MLX_DISABLE_COMPILE=1) it is the plain call."""
+        them. Without a compiler (no g++ on Linux, MLX_DISABLE_COMPILE=1) it is the plain call, and so it is for
+        models whose attention runs in the native CPU kernel (see `_Compiled`)."""
         cache = self._forwards.setdefault(component, {})
         if (method, key) not in cache:
             model = self.model(component)
             fn = getattr(model, method)
-            cache[method, key] = cpu.compile(partial(fn, **bind) if bind else fn)
+            cache[method, key] = _Compiled(partial(fn, **bind) if bind else fn)
         return cache[method, key]
 
     def cached_forward(self, s: GenerationSettings, caches: dict, branch: str, rows: list[list[int]], args: tuple,
@@ -548,3 +549,22 @@ def resized(source, width: int, height: int) -> np.ndarray:
     return np.asarray(source, dtype=np.float32) / 255
 
 
+class _Compiled:
+    """`cpu.compile(fn)`, or `fn` itself from the first trace on which an operation has to run eagerly (on the CPU,
+    attention over long sequences: `cpu.attention`'s native kernel works on evaluated arrays). For such models,
+    at FLUX and SD3 widths, the fusions compilation brings are a small part of a step next to what the kernel
+    saves, and per-operation overhead is nothing; the built-in model stays compiled."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = cpu.compile(fn)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is self.fn:
+            return self.fn(*args, **kwargs)
+        try:
+            with cpu.eager_fallback():
+                return self.compiled(*args, **kwargs)
+        except cpu.EagerOnly:
+            self.compiled = self.fn
+            return self.fn(*args, **kwargs)

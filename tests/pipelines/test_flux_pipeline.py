@@ -50,6 +50,19 @@ def test_schnell_matches_diffusers(flux_schnell):
     _assert_informative(pipe, ref, latents, **kw)
 
 
+def test_schnell_through_the_native_attention_matches_diffusers(flux_schnell, monkeypatch):
+    from mlx_diffusion.backends import cpu
+
+    monkeypatch.setattr(cpu, "NATIVE_MIN_SCORES", 0)  # every attention call, however small, through the C kernel
+    pipe, _, converted = flux_schnell
+    latents = _latents()
+    ref = _reference(pipe, PROMPT, latents, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256)
+    ours_pipe = load_pipeline(converted, progress=False)
+    _assert_close(ours_pipe.generate(PROMPT, width=W, height=H, latents=latents, output_type="np"), ref)
+    (forward,) = ours_pipe._forwards["transformer"].values()
+    assert forward.compiled is forward.fn  # the transformer ran uncompiled, as the kernel needs
+
+
 def test_dev_with_guidance_matches_diffusers(flux_dev):
     pipe, _, converted = flux_dev
     latents = _latents(1)

@@ -49,6 +49,16 @@ def test_sd3_with_t5_matches_diffusers(sd3, guidance):
     assert np.abs(other - ref).mean() > 0.01  # the prompt matters far beyond the tolerance
 
 
+def test_sd3_through_the_native_attention_matches_diffusers(sd3, monkeypatch):
+    from mlx_diffusion.backends import cpu
+
+    monkeypatch.setattr(cpu, "NATIVE_MIN_SCORES", 0)  # every attention call, however small, through the C kernel
+    pipe, _, converted = sd3
+    latents = _latents(2)
+    ref = _reference(pipe, PROMPT, latents, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=6.0)
+    _assert_close(_ours(converted, PROMPT, latents, negative_prompt=NEGATIVE, steps=3, guidance=6.0), ref)
+
+
 def test_sd3_default_negative_prompt_is_empty(sd3):
     pipe, _, converted = sd3
     latents = _latents(3)
