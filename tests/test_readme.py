@@ -40,6 +40,8 @@ INLINE = {
         "tests/tour/test_benchmark.py::test_against_diffusers_on_a_random_preset",
     "mlx-diffusion benchmark --preset block --family flux --steps 4 --repeat 2 --compare-diffusers --bits 4":
         "tests/tour/test_benchmark.py::test_against_diffusers_on_a_random_preset",
+    "mlx-diffusion benchmark --preset block --family flux --size 1024 --steps 2 --repeat 1 --compare-diffusers":
+        "tests/tour/test_benchmark.py::test_against_diffusers_on_a_random_preset",
     "python benchmarks/bench_memory.py": "tests/test_readme.py::test_memory_benchmark_runs",
     "python benchmarks/bench_batch.py": "tests/test_readme.py::test_batch_benchmark_runs",
     "python3 tools/convert.py": "tests/convert/test_convert_model_names.py::test_model_name_from_offline_cache",

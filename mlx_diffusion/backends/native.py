@@ -68,13 +68,14 @@ def load(name: str) -> ctypes.CDLL | None:
     if path is None:
         return None
     if not path.exists():
+        part = path.with_name(f".{path.name}.{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            part = path.with_name(f".{path.name}.{os.getpid()}")
             subprocess.run([_compiler(), *FLAGS, str(Path(__file__).parent / f"{name}.c"), "-o", str(part)],
                            check=True, capture_output=True, timeout=300)
             os.replace(part, path)
         except (OSError, subprocess.SubprocessError):
+            part.unlink(missing_ok=True)
             return None
     try:
         return ctypes.CDLL(str(path))

@@ -129,3 +129,16 @@ def test_worker_threads(native_always):
         t.join()
     assert not errors and len(results) == 9
     assert all(np.array_equal(r, expected) for r in results)
+
+
+def test_no_kernel_without_a_working_compiler_or_when_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    assert native.load.__wrapped__("attention") is None
+    assert not [p for p in tmp_path.iterdir() if p.name != "cc"]  # no half-written library left behind
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv(native.ENV_VAR, "0")
+    assert native.load.__wrapped__("attention") is None
