@@ -58,7 +58,8 @@ def ours(folder: str, size: int, family: str) -> dict:
         wrapped[kind] = (owner, name, original)
 
         def call(*a, **k):
-            rounds[-1][kind][key(*a, **k)] += 1
+            if rounds:  # not the text encoders, which run before the transformer's first call
+                rounds[-1][kind][key(*a, **k)] += 1
             return original(*a, **k)
 
         setattr(owner, name, call)
