@@ -199,8 +199,9 @@ def _cpu_streams():
     return stream, stream
 
 
-# From this many scores per call (B * H * L * S) attention runs in the native kernel (`attention.c`). Below it the
-# MLX form is as quick and stays inside a compiled graph (the built-in model's ~10^5 scores a call).
+# From this many scores per call (B * H * L * S) attention runs in the native kernel (`attention.c`): from FLUX and
+# SD3 at 256x256 up. Below it the MLX form keeps the model inside one compiled graph, which is what small models
+# (the built-in one's ~10^5 scores a call) need: their time is per-operation overhead, not attention.
 NATIVE_MIN_SCORES = 1 << 22
 
 _local = threading.local()
