@@ -30,6 +30,7 @@ _CANDIDATES = (
 ENV_VAR = "MLX_DIFFUSION_BLAS"  # a path to a BLAS exporting unprefixed cblas_sgemm, or "none" to keep mlx's own
 
 loaded_path: str | None = None
+library: ctypes.CDLL | None = None  # its handle (backends/cpu.py's attention calls into it)
 status: str = "not attempted"
 
 
@@ -48,7 +49,7 @@ def _candidates():
 
 def interpose() -> str | None:
     """Load a fast BLAS globally; return its path, or None (with one warning) when none could be loaded."""
-    global loaded_path, status
+    global loaded_path, library, status
     if loaded_path is not None or not sys.platform.startswith("linux"):
         return loaded_path
     if os.environ.get(ENV_VAR, "").lower() == "none":
@@ -73,7 +74,7 @@ def interpose() -> str | None:
         except (OSError, AttributeError) as e:
             errors.append(f"{path}: {e}")
             continue
-        loaded_path, status = path, "loaded"
+        loaded_path, library, status = path, lib, "loaded"
         return path
     status = "no OpenBLAS found"
     warnings.warn(

@@ -231,14 +231,13 @@ def eager_fallback():
 def _native_kernel():
     """(md_attention, cblas_sgemm's address, openblas_get/set_num_threads) or None: the kernel needs the process's
     OpenBLAS (`blas.interpose`), both for its products and to run them one thread per task."""
-    lib = native.load("attention")
-    if lib is None or blas.loaded_path is None:
+    lib, openblas = native.load("attention"), blas.library
+    if lib is None or openblas is None:
         return None
     try:
-        openblas = ctypes.CDLL(blas.loaded_path)
         sgemm = ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p).value
         get_threads, set_threads = openblas.openblas_get_num_threads, openblas.openblas_set_num_threads
-    except (OSError, AttributeError):  # MLX_DIFFUSION_BLAS pointing at a BLAS other than OpenBLAS
+    except AttributeError:  # MLX_DIFFUSION_BLAS pointing at a BLAS other than OpenBLAS
         return None
     fn = lib.md_attention
     fn.restype = ctypes.c_int

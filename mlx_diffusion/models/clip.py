@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from ..backends import cpu
 from .config import config_kwargs
-from .layers import Linear
+from .layers import ACTIVATIONS, Linear
 
 
 @dataclass
@@ -48,19 +48,6 @@ class CLIPOutput(NamedTuple):
     pooler_output: mx.array  # (B, hidden): final_layer_norm output at the EOS position
     hidden_states: tuple | None = None  # embeddings, then each layer's output (the last one before final_layer_norm)
     text_embeds: mx.array | None = None  # (B, projection_dim), with_projection only
-
-
-# transformers' activation names -> ours (the CPU forms in backends/cpu.py: MLX's erf, tanh and sigmoid take ~40 ns
-# a value on one core there; CLIP-G's 32 exact GELUs cost ~0.5 s a prompt that way)
-_ACTIVATIONS = {
-    "quick_gelu": cpu.quick_gelu,
-    "gelu": cpu.gelu,  # transformers' "gelu" is the exact erf form
-    "gelu_new": cpu.gelu_tanh,
-    "gelu_pytorch_tanh": cpu.gelu_tanh,
-    "relu": nn.relu,
-    "silu": cpu.silu,
-    "swish": cpu.silu,
-}
 
 
 def sanitize(weights: dict) -> dict:
@@ -104,7 +91,7 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]
         self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 

@@ -19,7 +19,7 @@ import mlx.nn as nn
 
 from ..backends import cpu
 from .config import FromDict
-from .layers import Linear
+from .layers import ACTIVATIONS, Linear
 
 
 @dataclass
@@ -45,16 +45,8 @@ class T5Config(FromDict):
         return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
 
 
-_ACTIVATIONS = {  # the CPU forms of backends/cpu.py (T5-XXL's 24 GELUs: ~2.5 s a prompt with MLX's tanh there)
-    "gelu_new": cpu.gelu_tanh,
-    "gelu_pytorch_tanh": cpu.gelu_tanh,
-    "gelu": cpu.gelu,
-    "relu": nn.relu,
-    "silu": cpu.silu,
-    "swish": cpu.silu,
-}
 # act(gate) * linear fused into one elementwise pass (MLX's CPU runs elementwise work on a single core).
-_GATED = {name: cpu.compile(lambda g, l, f=f: f(g) * l, shapeless=True) for name, f in _ACTIVATIONS.items()}
+_GATED = {name: cpu.compile(lambda g, l, f=f: f(g) * l, shapeless=True) for name, f in ACTIVATIONS.items()}
 
 
 def sanitize(weights: dict) -> dict:
@@ -140,7 +132,7 @@ class T5DenseReluDense(nn.Module):
 
     def __init__(self, config: T5Config):
         super().__init__()
-        self.act = (_GATED if config.is_gated else _ACTIVATIONS)[config.dense_act_fn]
+        self.act = (_GATED if config.is_gated else ACTIVATIONS)[config.dense_act_fn]
         if config.is_gated:
             self.wi_0 = Linear(config.d_model, config.d_ff, bias=False)
             self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
