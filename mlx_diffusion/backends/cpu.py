@@ -377,8 +377,10 @@ def quantized_linear(x, weight, scales, biases, group_size: int, bits: int):
 
 # Scratch memory budget, in elements, of one band of a large conv or GroupNorm+SiLU: large maps are processed in bands
 # of rows, each evaluated into its slice of a preallocated output. Bounds e.g. a 1024^2 decode's peak memory; so the
-# VAE's `encode`/`decode` on large inputs call `mx.eval` internally (do not wrap them in `mx.compile`).
-BAND_ELEMENTS = 1 << 26
+# VAE's `encode`/`decode` on large inputs call `mx.eval` internally (do not wrap them in `mx.compile`). A Winograd band
+# holds ~8 buffers of this size (tiles, products, outputs). Measured on SD3's VAE decoding 1024x1024 (2 cores):
+# 2^26 -> 3.1 GB MLX peak over the weights, 77 s; 2^24 -> 2.4 GB, 71 s; 2^23 -> 2.3 GB, 77 s.
+BAND_ELEMENTS = 1 << 24
 
 # Maps with fewer elements per sample than this (the built-in model's 64x64 decoder) use MLX's own ops: Winograd is
 # slower than MLX's direct conv there (measured on 2 cores: 3.5 vs 0.9 ms at 32x32x32, 8.1 vs 6.6 ms at 32x32x128),
@@ -397,16 +399,20 @@ def _group_sum(a):
 
 
 @compile
-def _group_norm_affine(g, weight, bias, eps: float, factor: float):
-    """Per-(sample, channel) scale and shift of GroupNorm on g = (B, H, W, G, Cg), both times `factor`.
+def _square_sum(g, mean):
+    return _group_sum(mx.square(g - mean))
+
+
+@compile
+def _group_norm_affine(mean, square_sum, n: int, weight, bias, eps: float, factor: float):
+    """Per-(sample, channel) scale and shift of GroupNorm from its groups' means and sums of squared deviations
+    (B, 1, 1, G, 1), both times `factor`.
 
     Compiled apart from the elementwise pass so that MLX does not fuse this small math into it (per element).
     """
-    n = g.shape[1] * g.shape[2] * g.shape[4]
-    mean = _group_sum(g) / n
-    var = _group_sum(mx.square(g - mean)) / n  # two passes: no E[x^2] - E[x]^2 cancellation
-    scale = weight.reshape(g.shape[3], -1) * (factor * mx.rsqrt(var + eps))
-    return scale, factor * bias.reshape(g.shape[3], -1) - mean * scale
+    G = mean.shape[3]
+    scale = weight.reshape(G, -1) * (factor * mx.rsqrt(square_sum / n + eps))
+    return scale, factor * bias.reshape(G, -1) - mean * scale
 
 
 @compile
@@ -414,34 +420,73 @@ def _affine(x, scale, shift):
     return x * scale + shift
 
 
-def group_norm(x, weight, bias, groups: int, eps: float, act: bool = False):
+def _in_bands(shape, dtype, n: int, rows: int, band):
+    """`band(a, b)` for rows [a, b) of an (B, n, ...) output, `rows` at a time, each evaluated into its slice of one
+    preallocated buffer (so only one band's temporaries exist at a time); a single band is returned unevaluated."""
+    if rows >= n:
+        return band(0, n)
+    y = mx.zeros(shape, dtype=dtype)
+    for a in range(0, n, rows):
+        y[:, a : a + rows] = band(a, min(n, a + rows))
+        mx.eval(y)  # in place: y's buffer is donated to the update
+    return y
+
+
+class Rows:
+    """A map that is made band by band where it is read: `fn(x[:, a:b])` for rows a:b of the NHWC map `x`.
+
+    GroupNorm(+SiLU) hands its output to a 3x3 conv this way: the conv normalizes each band of rows (and its one-row
+    halo) as it reads it, and the normalized map, as large as the input, is never held whole; at 1024x1024 that is a
+    1 GB float32 map (256 channels) in the decoder's last block. Anything else takes `materialize(rows)`.
+    """
+
+    def __init__(self, x, fn, channels: int | None = None):  # channels: fn's output channels, if not x's
+        self.x, self.fn = x, fn
+        self.shape, self.dtype = (*x.shape[:3], channels or x.shape[3]), x.dtype
+
+    def rows(self, a: int, b: int):
+        return self.fn(self.x[:, a:b])
+
+    def full(self):
+        B, H, W, C = self.shape
+        if not on_cpu():
+            return self.fn(self.x)
+        return _in_bands(self.shape, self.dtype, H, max(1, BAND_ELEMENTS // (4 * B * W * max(C, self.x.shape[3]))),
+                         self.rows)
+
+
+def materialize(x):
+    return x.full() if isinstance(x, Rows) else x
+
+
+def group_norm(x, weight, bias, groups: int, eps: float, act: bool = False, rows: bool = False):
     """torch.nn.GroupNorm on NHWC `x` (statistics over H, W and each group's channels), followed by SiLU when `act`.
 
-    On the CPU: two short float32 reductions for the statistics, one affine pass with SiLU's 1/2 folded in, the
-    polynomial SiLU, and on large maps bands of rows (SiLU keeps three full-size temporaries alive).
+    On the CPU, for large maps: the statistics in two short float32 reductions over bands of rows, one affine pass
+    with SiLU's 1/2 folded in, the polynomial SiLU, in bands of rows (SiLU keeps three temporaries as large as its
+    input). With `rows`, a large map's result is a `Rows` for a conv to read band by band.
     """
     B, H, W, C = x.shape
-    g = x.reshape(B, H, W, groups, C // groups)
     if not on_cpu() or not _large(H * W * C):
+        g = x.reshape(B, H, W, groups, C // groups)
         mean = g.mean(axis=(1, 2, 4), keepdims=True)
         var = mx.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
         y = ((g - mean) * mx.rsqrt(var + eps)).reshape(B, H, W, C) * weight + bias
         return nn.silu(y) if act else y
-    scale, shift = _group_norm_affine(g, weight, bias, eps, 0.5 if act else 1.0)
+    g = x.reshape(B, H, W, groups, C // groups)
+    step = max(1, BAND_ELEMENTS // (4 * B * W * C))  # the squared deviations are a band-sized temporary
+    bands = [(a, min(H, a + step)) for a in range(0, H, step)]
+    n = H * W * (C // groups)
+    mean = functools.reduce(mx.add, [_group_sum(g[:, a:b]) for a, b in bands]) / n
+    square_sum = functools.reduce(mx.add, [_square_sum(g[:, a:b], mean) for a, b in bands])  # no E[x^2] - E[x]^2
+    scale, shift = _group_norm_affine(mean, square_sum, n, weight, bias, eps, 0.5 if act else 1.0)
 
-    def normalize(g):  # act: SiLU's 1/2 is folded into the affine
-        y = _affine(g, scale, shift)
-        return _silu_from_half(y) if act else y
+    def normalize(xb):  # act: SiLU's 1/2 is folded into the affine
+        y = _affine(xb.reshape(B, -1, W, groups, C // groups), scale, shift)
+        return (_silu_from_half(y) if act else y).reshape(xb.shape)
 
-    rows = max(1, BAND_ELEMENTS // (4 * B * W * C))
-    if not act or rows >= H:
-        return normalize(g).reshape(B, H, W, C)
-    y = mx.zeros(g.shape, dtype=x.dtype)
-    for r in range(0, H, rows):
-        y[:, r : r + rows] = normalize(g[:, r : r + rows])
-        mx.eval(y)  # in place: y's buffer is donated to the update
-    return y.reshape(B, H, W, C)
-
+    out = Rows(x, normalize)
+    return out if rows else out.full()
 
 
 # Winograd F(4x4, 3x3) for the 3x3 convs: 36 GEMMs on 4x4 output tiles, 2.25 instead of 9 multiply-adds per output
@@ -500,59 +545,80 @@ def _sum_shifted_taps(y, H: int, W: int, O: int):
                               for dy in range(3) for dx in range(3)])
 
 
+def _padded_rows(x, a: int, b: int, cols: tuple):
+    """Rows [a, b) of `x` (an array or `Rows`) zero-padded by one row above, as many below as b reaches, and `cols` =
+    (left, right) columns: one band of the padded map, without making the padded map."""
+    B, H, W, C = x.shape
+    lo, hi = min(max(a - 1, 0), H), min(max(b - 1, 0), H)
+    if hi <= lo:
+        return mx.zeros((B, b - a, W + sum(cols), C), dtype=x.dtype)
+    part = x.rows(lo, hi) if isinstance(x, Rows) else x[:, lo:hi]
+    return mx.pad(part, [(0, 0), (lo - (a - 1), (b - 1) - hi), cols, (0, 0)])
+
+
 def _conv3x3_shifted(x, weight, bias):
-    """Few output channels: one GEMM of the flattened padded input with all 9 taps, then 9 shifted slices summed."""
+    """Few output channels: per band of rows, one GEMM of the flattened padded input with all 9 taps, then 9 shifted
+    slices summed."""
     B, H, W, C = x.shape
     O = weight.shape[0]
-    p = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(B, -1, C)  # one extra row keeps the shifts in bounds
-    y = p @ weight.transpose(3, 1, 2, 0).reshape(C, 9 * O)
-    return _sum_shifted_taps(y, H, W, O).reshape(B, H, W + 2, O)[:, :, :W] + bias
+    taps = weight.transpose(3, 1, 2, 0).reshape(C, 9 * O)
+
+    def band(r0, r1):  # padded rows r0 .. r1 + 1, and one more that keeps the shifts in bounds
+        y = _padded_rows(x, r0, r1 + 3, (1, 1)).reshape(B, -1, C) @ taps
+        return _sum_shifted_taps(y, r1 - r0, W, O).reshape(B, r1 - r0, W + 2, O)[:, :, :W] + bias
+
+    rows = max(1, BAND_ELEMENTS // (4 * B * (W + 2) * max(C, 9 * O)))
+    return _in_bands((B, H, W, O), x.dtype, H, rows, band)
 
 
-def conv3x3(x, weight, bias, upsample: bool = False):
-    """3x3 conv, stride 1, zero padding 1, of NHWC `x`, or of `x` upsampled 2x (nearest) when `upsample`.
+def conv3x3(x, weight, bias, upsample: bool = False, residual=None):
+    """3x3 conv, stride 1, zero padding 1, of NHWC `x` (an array or `Rows`), or of `x` upsampled 2x (nearest) when
+    `upsample`; plus `residual` (an array or `Rows` of the output's shape) when given.
 
     Winograd, except where the input or the output has few channels (e.g. the decoder's conv_out, the encoder's
     conv_in): there the transforms cost more than they save. The upsampled map is never built: its tiles are read
-    from `x` with a stride of 2 and repeated rows/columns. Large maps are done in bands of tile rows, each evaluated
-    into its slice of the output.
+    from `x` with a stride of 2 and repeated rows/columns. Large maps are done in bands of tile rows, each read from
+    `x` with its halo, padded, and evaluated into its slice of the output; neither a padded copy of `x` nor, for a
+    `Rows` input, `x` itself is made whole; a residual is added band by band, so no sum is made apart.
     """
     B, H, W, C = x.shape
     O = weight.shape[0]
-    if not upsample and 9 * O <= C:
-        return _conv3x3_shifted(x, weight, bias)
-    if not upsample and 9 * C <= O:  # MLX's im2col buffer is small here
-        return mx.conv_general(x, weight, padding=1) + bias
+    if not upsample and (9 * O <= C or 9 * C <= O):
+        if 9 * O <= C:
+            y = _conv3x3_shifted(x, weight, bias)
+        else:  # MLX's im2col buffer is small here
+            y = mx.conv_general(materialize(x), weight, padding=1) + bias
+        return y if residual is None else y + materialize(residual)
     f = 2 if upsample else 1
     nt, ns = -(-f * H // _M), -(-f * W // _M)
     if upsample:  # padded upsampled row 4i + k is padded x's row 2i + (k + 1) // 2
-        step, offsets = 2, tuple((k + 1) // 2 for k in range(_T))
-        p = mx.pad(x, [(0, 0), (1, 2 * nt + 1 - H), (1, 2 * ns + 1 - W), (0, 0)])
+        step, offsets, cols = 2, tuple((k + 1) // 2 for k in range(_T)), (1, 2 * ns + 1 - W)
     else:
-        step, offsets = _M, tuple(range(_T))
-        p = mx.pad(x, [(0, 0), (1, 1 + _M * nt - H), (1, 1 + _M * ns - W), (0, 0)])
+        step, offsets, cols = _M, tuple(range(_T)), (1, 1 + _M * ns - W)
     u = winograd_weights(weight)
 
     def band(t0, t1):
-        v = _winograd_in(p[:, step * t0 : step * t1 + offsets[-1] + 1 - step], t1 - t0, ns, offsets, step)
+        p = _padded_rows(x, step * t0, step * t1 + offsets[-1] + 1 - step, cols)
+        v = _winograd_in(p, t1 - t0, ns, offsets, step)
         m = [(v[i].reshape(-1, C) @ u[i]).reshape(B, t1 - t0, ns, O) for i in range(_T * _T)]
-        return _winograd_out(m, bias)  # (B, t1 - t0, 4, ns, 4, O)
+        y = _winograd_out(m, bias)  # (B, t1 - t0, 4, ns, 4, O)
+        if residual is None:
+            return y
+        a, b = _M * t0, min(_M * t1, f * H)  # the band's output rows, less the last band's ragged tile rows
+        r = residual.rows(a, b) if isinstance(residual, Rows) else residual[:, a:b]
+        r = mx.pad(r, [(0, 0), (0, _M * (t1 - t0) - (b - a)), (0, _M * ns - f * W), (0, 0)])
+        return y + r.reshape(B, t1 - t0, _M, ns, _M, O)
 
     rows = max(1, BAND_ELEMENTS // (_T * _T * B * ns * max(C, O)))
-    if rows >= nt:
-        y = band(0, nt)
-    else:
-        y = mx.zeros((B, nt, _M, ns, _M, O), dtype=x.dtype)
-        for t0 in range(0, nt, rows):
-            y[:, t0 : t0 + rows] = band(t0, min(nt, t0 + rows))
-            mx.eval(y)  # in place: y's buffer is donated to the update
-    y = y.reshape(B, _M * nt, _M * ns, O)
+    y = _in_bands((B, nt, _M, ns, _M, O), x.dtype, nt, rows, band).reshape(B, _M * nt, _M * ns, O)
     return y if (_M * nt, _M * ns) == (f * H, f * W) else y[:, : f * H, : f * W]
 
 
-def conv2d(x, weight, bias, stride: int = 1, padding=0, upsample: bool = False, winograd: bool = True):
-    """A conv with torch's parameters (weight OHWI, bias) on NHWC `x`, of `x` upsampled 2x (nearest) when `upsample`;
-    `padding` may be ((top, left), (bottom, right)) as in `mx.conv_general`.
+def conv2d(x, weight, bias, stride: int = 1, padding=0, upsample: bool = False, winograd: bool = True,
+           residual=None):
+    """A conv with torch's parameters (weight OHWI, bias) on NHWC `x` (an array or `Rows`), of `x` upsampled 2x
+    (nearest) when `upsample`, plus `residual` (an array or `Rows`) when given; `padding` may be ((top, left),
+    (bottom, right)) as in `mx.conv_general`.
 
     On the CPU 3x3 stride-1 convs with at least `FUSED_MIN_ELEMENTS` outputs per sample run through `conv3x3` unless
     `winograd` is False (training: backpropagating through the transforms is ~3x slower than through
@@ -563,10 +629,13 @@ def conv2d(x, weight, bias, stride: int = 1, padding=0, upsample: bool = False, 
     f = 2 if upsample else 1
     if (weight.shape[1:3] == (3, 3) and stride == 1 and padding == 1 and winograd and on_cpu()
             and _large(f * f * x.shape[1] * x.shape[2] * weight.shape[0])):
-        return conv3x3(x, weight, bias, upsample)
+        return conv3x3(x, weight, bias, upsample, residual)
+    x = materialize(x)
     if upsample:  # nearest x2
         B, H, W, C = x.shape
         x = mx.broadcast_to(x[:, :, None, :, None], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
     if weight.shape[1:3] == (1, 1) and stride == 1 and padding == 0:
-        return linear(x, weight.reshape(weight.shape[0], -1), bias)
-    return mx.conv_general(x, weight, stride=stride, padding=padding) + bias
+        y = linear(x, weight.reshape(weight.shape[0], -1), bias)
+    else:
+        y = mx.conv_general(x, weight, stride=stride, padding=padding) + bias
+    return y if residual is None else y + materialize(residual)

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .. import __version__
 from ..errors import WeightsError
 from ..models import kind_of
-from ..models.layers import quantize_layers
+from ..models.layers import Embedding, quantize_layers
 from .safetensors import SafetensorsFile, SafetensorsWriter
 
 INFO_FILE = "mlx_diffusion.json"
@@ -212,9 +213,50 @@ def _quantized_layers(f: SafetensorsFile) -> dict:
         raise WeightsError(f"{f.path}: malformed {QUANT_KEY} metadata") from None
 
 
-def load_component(folder, dtype=None, shard=None):
+# Lookup tables at least this large are read from the file per lookup instead of held (see models.layers.Embedding):
+# the text encoders' token tables (CLIP-L 152 MB, CLIP-G 253 MB, T5-XXL 526 MB in float32); the built-in model's
+# are far below it.
+TABLE_IN_FILE_BYTES = 16 << 20
+
+
+def _keep_tables_in_file(model, f: SafetensorsFile, dtype) -> set:
+    """Leaves the model's large floating-point Embedding tables in `f`, memory-mapped; returns their names."""
+    names = set()
+    for path, module in model.named_modules():
+        name = f"{path}.weight" if path else "weight"
+        if (isinstance(module, Embedding) and name in f and f.dtype(name) in ("F32", "F16", "BF16")
+                and f.nbytes(name) >= TABLE_IN_FILE_BYTES):
+            table = f.mapped(name)
+            _check_finite_rows(f, name)
+            try:
+                module.keep_in_file(table, f.dtype(name) == "BF16", dtype)
+            except WeightsError as e:
+                raise WeightsError(f"{f.path}: {name}: {e}") from None
+            names.add(name)
+    return names
+
+
+def _check_finite_rows(f: SafetensorsFile, name: str, chunk_bytes: int = 16 << 20):
+    """The NaN/infinity check load_component makes on every weight, for a table that stays in the file: read a chunk
+    at a time (positioned reads, not the map, so the table does not become resident)."""
+    rows, row_bytes = f.shape(name)[0], max(1, f.nbytes(name) // max(1, f.shape(name)[0]))
+    step = max(1, chunk_bytes // row_bytes)
+    for a in range(0, rows, step):
+        chunk = f.raw(name, a, min(rows, a + step))
+        if f.dtype(name) == "BF16":  # exponent bits all ones: infinity or NaN
+            ok = not np.any((chunk & 0x7F80) == 0x7F80)
+        else:
+            ok = bool(np.isfinite(chunk).all())
+        if not ok:
+            raise WeightsError(f"{f.path}: {name} holds NaN or infinite values: the folder is corrupt or was converted "
+                               "from a broken model")
+
+
+def load_component(folder, dtype=None, shard=None, parts=None):
     """The model its config.json declares, with the folder's weights, in eval mode.
 
+    `parts`: the names of the top-level submodules to keep (e.g. a VAE's "decoder" and "post_quant_conv"); the others
+    are dropped and their weights not read.
     `dtype` casts floating-point weights (None keeps what the folder stores); quantized layers stay quantized.
     `shard(model)`, when given, restructures the built (not yet loaded) model and returns `cut(name, array)`, which
     gives the part of each tensor read from the file that the model keeps: only that part is ever held.
@@ -224,9 +266,17 @@ def load_component(folder, dtype=None, shard=None):
     model = kind_of(config, str(folder)).build(config, folder)
     f = SafetensorsFile(folder / WEIGHTS_FILE)
     quantize_layers(model, _quantized_layers(f))
+    dropped = set()
+    if parts is not None:
+        dropped = {k for k, v in model.items() if isinstance(v, nn.Module) and k not in parts}
+        for k in dropped:
+            del model[k]
     cut = shard(model) if shard is not None else None
+    in_file = _keep_tables_in_file(model, f, dtype) if cut is None else set()
     weights = []
     for name in f.keys():
+        if name in in_file or name.partition(".")[0] in dropped:
+            continue
         if cut is None:
             a = f.get(name)
         else:

@@ -109,16 +109,30 @@ class SafetensorsFile:
         b, e = self._info[name]["data_offsets"]
         return e - b
 
-    def raw(self, name) -> np.ndarray:
-        """The tensor read from disk as numpy (bfloat16 as uint16 bit patterns)."""
+    def raw(self, name, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """The tensor read from disk as numpy (bfloat16 as uint16 bit patterns); with `start`/`stop`, only those
+        entries of its first axis."""
         info = self._info[name]
         begin, end = info["data_offsets"]
+        shape = list(info["shape"])
+        if start is not None or stop is not None:
+            n = shape[0]
+            start, stop = max(0, min(n, start or 0)), max(0, min(n, n if stop is None else stop))
+            row = (end - begin) // n if n else 0
+            begin, end, shape[0] = begin + start * row, begin + max(start, stop) * row, max(0, stop - start)
         buf = bytearray(end - begin)
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self._start + begin)
             if f.readinto(buf) != len(buf):
                 raise WeightsError(f"{self.path}: file is truncated ({name} lies past its end)")
-        return np.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return np.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(shape)
+
+    def mapped(self, name) -> np.ndarray:
+        """The tensor as a read-only memory map of the file (bfloat16 as uint16 bit patterns): pages are read, and
+        count as the process's memory, only where it is indexed. For lookup tables (`models.layers.Embedding`)."""
+        info = self._info[name]
+        return np.memmap(self.path, dtype=_ST_DTYPES[info["dtype"]], mode="r",
+                         offset=self._start + info["data_offsets"][0], shape=tuple(info["shape"]))
 
     def get(self, name) -> mx.array:
         """The tensor as an MLX array in its stored dtype (bfloat16 stays bfloat16)."""

@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from ..backends import cpu
 from .config import config_kwargs
-from .layers import ACTIVATIONS, Linear
+from .layers import ACTIVATIONS, Embedding, Linear
 
 
 @dataclass
@@ -121,7 +121,7 @@ class CLIPEncoder(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.token_embedding = Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
     def __call__(self, input_ids: mx.array) -> mx.array:

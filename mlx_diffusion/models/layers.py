@@ -34,6 +34,30 @@ ACTIVATIONS = {
 }
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding (the text encoders' token tables) whose table may be left in its weights file: `keep_in_file`
+    swaps the `weight` parameter for a read-only memory map of the stored tensor, and a lookup then reads the rows of
+    the prompt's tokens only. T5-XXL's 32128 x 4096 table is 0.5 GB in float32 (0.26 in bfloat16), of which a prompt
+    touches a few hundred rows: kept as an array it is resident memory from load to release (diffusers maps its
+    weights, so never reads the rest). A lookup from the file needs evaluated ids: it cannot be traced
+    (`mx.compile`, `mx.grad`)."""
+
+    def keep_in_file(self, table: np.ndarray, bfloat16: bool, dtype):
+        """`table`: the (vocab, dim) tensor mapped from the file (bfloat16 as its uint16 bit patterns); `dtype`: what
+        lookups return (None: the stored type)."""
+        if self.weight.shape != table.shape:
+            raise WeightsError(f"embedding table of shape {table.shape} where {self.weight.shape} was expected")
+        del self["weight"]
+        self._table, self._bfloat16, self._dtype = table, bfloat16, dtype
+
+    def __call__(self, ids):
+        if "weight" in self:
+            return super().__call__(ids)
+        rows = mx.array(self._table[np.asarray(ids)])  # numpy's gather on the map reads only these rows
+        rows = rows.view(mx.bfloat16) if self._bfloat16 else rows
+        return rows if self._dtype is None else rows.astype(self._dtype)
+
+
 class Linear(nn.Linear):
     """nn.Linear computed one sample at a time (`backends.cpu.linear`), so that an image made in a batch equals the
     image made alone. Every model's Linear layers are this one."""

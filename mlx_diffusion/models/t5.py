@@ -19,7 +19,7 @@ import mlx.nn as nn
 
 from ..backends import cpu
 from .config import FromDict
-from .layers import ACTIVATIONS, Linear
+from .layers import ACTIVATIONS, Embedding, Linear
 
 
 @dataclass
@@ -178,7 +178,7 @@ class T5EncoderModel(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 
     def position_bias(self, length: int, attention_mask: mx.array | None = None, dtype=mx.float32) -> mx.array:

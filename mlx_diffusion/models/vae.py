@@ -65,8 +65,9 @@ class GroupNorm(nn.Module):
         self.weight = mx.ones((num_channels,))
         self.bias = mx.zeros((num_channels,))
 
-    def __call__(self, x, act: bool = False):
-        return cpu.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act)
+    def __call__(self, x, act: bool = False, rows: bool = False):
+        """`rows`: the result goes to a conv, which may read it band by band (see `cpu.Rows`)."""
+        return cpu.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act, rows)
 
 
 class Conv2d(nn.Module):
@@ -80,8 +81,8 @@ class Conv2d(nn.Module):
         self.bias = mx.zeros((cout,))
         self.stride, self.padding = stride, padding
 
-    def __call__(self, x, upsample: bool = False):
-        return cpu.conv2d(x, self.weight, self.bias, self.stride, self.padding, upsample, winograd=not self.training)
+    def __call__(self, x, upsample: bool = False, residual=None):
+        return cpu.conv2d(x, self.weight, self.bias, self.stride, self.padding, upsample, not self.training, residual)
 
 
 # --- blocks -----------------------------------------------------------------------------------------------------------
@@ -98,9 +99,11 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = Conv2d(cin, cout, 1)
 
     def __call__(self, x):
-        h = self.conv1(self.norm1(x, act=True))
-        h = self.conv2(self.norm2(h, act=True))
-        return (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h
+        # Large maps are read in bands (`cpu.Rows`): the normalized inputs, the shortcut and the sum are never made
+        # whole; the decoder's last blocks hold a few 0.5-1 GB maps at 1024x1024.
+        h = self.conv1(self.norm1(x, act=True, rows=True))
+        skip = cpu.Rows(x, self.conv_shortcut, self.conv_shortcut.weight.shape[0]) if "conv_shortcut" in self else x
+        return self.conv2(self.norm2(h, act=True, rows=True), residual=skip)
 
 
 class Attention(nn.Module):
@@ -161,10 +164,14 @@ class DownEncoderBlock2D(nn.Module):
         if downsample:
             self.downsamplers = [Downsample2D(cout)]
 
+    @property
+    def layers(self):
+        return [*self.resnets, *self.downsamplers] if "downsamplers" in self else self.resnets
+
     def __call__(self, x):
-        for r in self.resnets:
-            x = r(x)
-        return self.downsamplers[0](x) if "downsamplers" in self else x
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class UpDecoderBlock2D(nn.Module):
@@ -174,10 +181,14 @@ class UpDecoderBlock2D(nn.Module):
         if upsample:
             self.upsamplers = [Upsample2D(cout)]
 
+    @property
+    def layers(self):
+        return [*self.resnets, *self.upsamplers] if "upsamplers" in self else self.resnets
+
     def __call__(self, x):
-        for r in self.resnets:
-            x = r(x)
-        return self.upsamplers[0](x) if "upsamplers" in self else x
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -195,10 +206,10 @@ class Encoder(nn.Module):
 
     def __call__(self, x):
         x = self.conv_in(x)
-        for b in self.down_blocks:
-            x = b(x)
+        for layer in [layer for b in self.down_blocks for layer in b.layers]:  # not b(x): see Decoder
+            x = layer(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_norm_out(x, act=True))
+        return self.conv_out(self.conv_norm_out(x, act=True, rows=True))
 
 
 class Decoder(nn.Module):
@@ -216,9 +227,11 @@ class Decoder(nn.Module):
 
     def __call__(self, z):
         x = self.mid_block(self.conv_in(z))
-        for b in self.up_blocks:
-            x = b(x)
-        return self.conv_out(self.conv_norm_out(x, act=True))
+        # One loop over every block's layers: calling a block would keep its input alive (held by this frame) through
+        # all of the block's layers, and the last block's input at 1024x1024 is a 1 GB map.
+        for layer in [layer for b in self.up_blocks for layer in b.layers]:
+            x = layer(x)
+        return self.conv_out(self.conv_norm_out(x, act=True, rows=True))
 
 
 class AutoencoderKL(nn.Module):

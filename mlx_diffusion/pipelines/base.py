@@ -130,14 +130,21 @@ class Pipeline:
         self.max_sequence_length = d["max_sequence_length"] if max_sequence_length is None else max_sequence_length
 
     # -- loading ------------------------------------------------------------------------------------------------
+    # Halves of a component loaded on their own: generating decodes only, so the VAE's encoder (SD3's: 137 MB in
+    # float32) is read only for a start image.
+    PARTS = {"vae:decode": ("decoder", "post_quant_conv"), "vae:encode": ("encoder", "quant_conv")}
+
     def model(self, component: str):
-        """Load a component once and keep it until `release`."""
+        """Load a component (or one of its `PARTS`, "folder:part") once and keep it until `release`."""
+        folder = component.partition(":")[0]
+        if component not in self._models and folder in self._models:  # the whole of it is loaded already
+            return self._models[folder]
         if component not in self._models:
             shard = None
             if component == "transformer" and self.shard:  # only this rank's slices are read
                 from .distributed import shard_model as shard
-            model = load_component(self.path / component, dtype=self.dtype, shard=shard)
-            updates = [(layer, down, up) for c, layer, down, up in self.lora if c == component]
+            model = load_component(self.path / folder, dtype=self.dtype, shard=shard, parts=self.PARTS.get(component))
+            updates = [(layer, down, up) for c, layer, down, up in self.lora if c == folder]
             if updates:
                 from ..models.layers import add_low_rank
 
@@ -146,7 +153,8 @@ class Pipeline:
         return self._models[component]
 
     def release(self, *components):
-        for c in components:
+        """Drop components (a folder's name drops its parts too)."""
+        for c in [k for k in self._models if k in components or k.partition(":")[0] in components]:
             self._models.pop(c, None)
             self._forwards.pop(c, None)
         mx.clear_cache()
@@ -445,7 +453,7 @@ class Pipeline:
         `retrieve_latents(..., sample_mode="argmax")`."""
         cfg = self.vae_config
         x = mx.array(np.asarray(image, dtype=np.float32))[None] * 2 - 1
-        mean, _ = self.model("vae").encode(x.astype(self.compute_dtype))
+        mean, _ = self.model("vae:encode").encode(x.astype(self.compute_dtype))
         z = mean.astype(mx.float32).transpose(0, 3, 1, 2)
         return (z - (cfg.get("shift_factor") or 0.0)) * cfg.get("scaling_factor", 1.0)
 
@@ -456,7 +464,7 @@ class Pipeline:
         count of its GEMMs), and the decoder's activations are the largest of a run."""
         cfg = self.vae_config
         z = z / cfg.get("scaling_factor", 1.0) + (cfg.get("shift_factor") or 0.0)
-        vae = self.model("vae")
+        vae = self.model("vae:decode")
         images = []
         for one in z.transpose(0, 2, 3, 1).astype(self.compute_dtype):
             image = mx.clip(vae.decode(one[None]) / 2 + 0.5, 0.0, 1.0)

@@ -153,6 +153,40 @@ def test_conv3x3(shape, cout, upsample, banded, monkeypatch):
     assert max_rel_err(conv3x3(x, w, b, upsample), want) < 1e-5
 
 
+@pytest.mark.parametrize("shape,cout", [((1, 33, 20, 64), 40), ((2, 9, 13, 32), 32), ((1, 21, 11, 64), 3)])
+@pytest.mark.parametrize("upsample", [False, True])
+def test_conv3x3_reads_rows_and_adds_a_residual_in_bands(shape, cout, upsample, monkeypatch):
+    """A GroupNorm+SiLU output handed over as `cpu.Rows` (normalized band by band as the conv reads it, halos and
+    edges included) and a residual added per band (an array, or a 1x1 conv's `Rows`) give the same numbers as the
+    whole maps, in bands of 2 tile rows (the last one ragged)."""
+    if upsample and cout == 3:
+        pytest.skip("the few-output-channel path takes no upsampling")
+    monkeypatch.setattr(cpu, "FUSED_MIN_ELEMENTS", 0)
+    f = 2 if upsample else 1
+    tile_cols = -(-shape[2] * f // 4)
+    monkeypatch.setattr(cpu, "BAND_ELEMENTS", 2 * 36 * shape[0] * tile_cols * max(shape[3], cout))
+    rng = np.random.default_rng(4)
+    B, H, W, C = shape
+    x = mx.array((rng.standard_normal(shape) * 2 + 1).astype(np.float32))
+    gn = GroupNorm(8, C)
+    gn.weight, gn.bias = mx.array(1 + 0.3 * rng.standard_normal(C).astype(np.float32)), mx.array(
+        0.2 * rng.standard_normal(C).astype(np.float32))
+    w = mx.array((rng.standard_normal((cout, 3, 3, C)) / np.sqrt(9 * C)).astype(np.float32))
+    b = mx.array(rng.standard_normal(cout).astype(np.float32))
+    rows = gn(x, act=True, rows=True)
+    assert isinstance(rows, cpu.Rows)
+    whole = gn(x, act=True)
+    want = conv3x3(whole, w, b, upsample)
+    assert max_rel_err(conv3x3(rows, w, b, upsample), want) < 1e-6
+    residual = mx.array(rng.standard_normal((B, f * H, f * W, cout)).astype(np.float32))
+    assert max_rel_err(conv3x3(rows, w, b, upsample, residual=residual), want + residual) < 1e-6
+    if not upsample:  # a shortcut 1x1 conv read in bands, as the ResNet blocks hand theirs over
+        w1 = mx.array(rng.standard_normal((cout, 1, 1, C)).astype(np.float32))
+        skip = cpu.Rows(x, lambda xb: cpu.conv2d(xb, w1, b), cout)
+        assert max_rel_err(conv3x3(rows, w, b, residual=skip), want + cpu.conv2d(x, w1, b)) < 1e-6
+        assert max_rel_err(skip.full(), cpu.conv2d(x, w1, b)) < 1e-6
+
+
 def test_silu_accuracy():
     x = np.linspace(-40, 40, 400001, dtype=np.float32)
     want = torch.nn.functional.silu(torch.from_numpy(x).double()).numpy()

@@ -59,6 +59,26 @@ def test_sd3_through_the_native_attention_matches_diffusers(sd3, monkeypatch):
     _assert_close(_ours(converted, PROMPT, latents, negative_prompt=NEGATIVE, steps=3, guidance=6.0), ref)
 
 
+def test_sd3_with_tables_in_file_and_a_banded_decoder_matches_diffusers(sd3, monkeypatch):
+    """The memory-saving paths a real model takes, forced on the tiny one: every text encoder's token table read
+    from the file per lookup, the VAE's encoder not loaded, its decoder's GroupNorm+SiLU, convs and residuals in
+    bands of a few rows."""
+    from mlx_diffusion.backends import cpu
+    from mlx_diffusion.io import folder
+
+    monkeypatch.setattr(folder, "TABLE_IN_FILE_BYTES", 0)
+    monkeypatch.setattr(cpu, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu, "BAND_ELEMENTS", 1 << 12)
+    pipe, _, converted = sd3
+    latents = _latents(4)
+    ref = _reference(pipe, PROMPT, latents, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=6.0)
+    ours = load_pipeline(converted, progress=False)
+    _assert_close(ours.generate(PROMPT, width=W, height=H, latents=latents, output_type="np", negative_prompt=NEGATIVE,
+                                steps=3, guidance=6.0), ref)
+    assert "weight" not in ours.model("text_encoder_3").shared
+    assert "encoder" not in ours.model("vae:decode")
+
+
 def test_sd3_default_negative_prompt_is_empty(sd3):
     pipe, _, converted = sd3
     latents = _latents(3)
