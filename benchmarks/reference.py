@@ -96,13 +96,14 @@ def build(family: str, preset: dict, folder: Path):
 
     torch.manual_seed(0)
     clip_tok, t5_tok = tiny_models.tokenizers()
-    if family == "flux":
+    if family in ("flux", "flux-dev"):
         t5, (clip,) = _text_encoders(preset["t5"], [preset["clip"]], projection=False)
         vae = _vae(preset["vae"], 0.3611, 0.1159)
         tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=preset["layers"],
                                     num_single_layers=preset["single_layers"], attention_head_dim=preset["head_dim"],
                                     num_attention_heads=preset["heads"], joint_attention_dim=preset["t5"][0],
-                                    pooled_projection_dim=preset["clip"][0], axes_dims_rope=preset["axes"])
+                                    pooled_projection_dim=preset["clip"][0], axes_dims_rope=preset["axes"],
+                                    guidance_embeds=family == "flux-dev")
         pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=clip,
                             tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=tr)
         models = (t5, clip, vae, tr)
@@ -257,8 +258,8 @@ def run(request: dict) -> dict:
 
 def main():
     if len(sys.argv) >= 2 and sys.argv[1] == "build" and len(sys.argv) == 5:
-        family, preset, out = sys.argv[2:]
-        build(family, PRESETS[family][preset], Path(out))
+        family, preset, out = sys.argv[2:]  # family flux-dev: FLUX with the guidance embedder (FLUX.1-dev's layout)
+        build(family, PRESETS[family.split("-")[0]][preset], Path(out))
     elif len(sys.argv) == 3 and sys.argv[1] == "run":
         request = json.loads(Path(sys.argv[2]).read_text())
         result = run(request)

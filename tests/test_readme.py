@@ -49,6 +49,11 @@ INLINE = {
     "python benchmarks/bench_convert.py": "tests/test_readme.py::test_convert_benchmark_runs",
     "python benchmarks/bench_lora.py": "tests/test_readme.py::test_lora_benchmark_runs",
     "python benchmarks/bench_step_cache.py": "tests/test_readme.py::test_step_cache_benchmark_runs",
+    "python benchmarks/bench_step_cache.py --model FOLDER": "tests/test_readme.py::test_step_cache_benchmark_on_a_preset_runs",
+    "python benchmarks/bench_step_cache.py --preset block --family flux-dev --prompts 1 --size 256 --thresholds "
+    "0.1,0.2,0.5,1.0": "tests/test_readme.py::test_step_cache_benchmark_on_a_preset_runs",
+    "python benchmarks/bench_step_cache.py --preset block --family sd3 --prompts 1 --size 256 --thresholds "
+    "0.1,0.2,0.5,1.0": "tests/test_readme.py::test_step_cache_benchmark_on_a_preset_runs",
     "python benchmarks/profile_step.py --family flux --size 1024": "tests/test_readme.py::test_step_profile_runs",
     "python benchmarks/bench_shard.py": "tests/test_readme.py::test_shard_benchmark_runs",
     "python benchmarks/profile_step.py --family sd3 --size 1024": "tests/test_readme.py::test_step_profile_runs",
@@ -289,6 +294,20 @@ def test_step_cache_benchmark_runs():
     record = _benchmark_record("bench_step_cache.py", "--prompts", 4, "--steps", 6, "--thresholds", "0.3")
     assert set(record["rows"]) == {"off", "0.3"} and record["rows"]["off"]["skipped"] == 0
     assert 0 <= record["rows"]["0.3"]["skipped"] < 1 and record["rows"]["0.3"]["seconds_per_image"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux-dev", "sd3"])
+def test_step_cache_benchmark_on_a_preset_runs(family):
+    """The real-widths mode on the tiny preset: threshold 0 (every block always) skips nothing and changes nothing;
+    threshold 1 skips at most the steps after the first, and changes the image exactly when it skips."""
+    record = _benchmark_record("bench_step_cache.py", "--preset", "tiny", "--family", family, "--prompts", 1, "--steps",
+                               4, "--size", 64, "--thresholds", "0,1")
+    rows = record["rows"]
+    assert set(rows) == {"off", "0.0", "1.0"} and record["steps"] == 4 and record["size"] == 64
+    assert rows["0.0"]["skipped"] == 0 and rows["0.0"]["max_abs_diff"] == 0
+    assert 0 <= rows["1.0"]["skipped"] <= 0.75 and (rows["1.0"]["mean_abs_diff"] > 0) == (rows["1.0"]["skipped"] > 0)
+    assert all(r["seconds_per_image"] > 0 for r in rows.values())
 
 
 @pytest.mark.slow

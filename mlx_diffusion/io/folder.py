@@ -252,9 +252,11 @@ def _check_finite_rows(f: SafetensorsFile, name: str, chunk_bytes: int = 16 << 2
                                "from a broken model")
 
 
-def load_component(folder, dtype=None, shard=None, parts=None):
+def load_component(folder, dtype=None, shard=None, parts=None, tables_in_file: bool = True):
     """The model its config.json declares, with the folder's weights, in eval mode.
 
+    `tables_in_file`: large token tables are left in the file and read per lookup (see `TABLE_IN_FILE_BYTES`); False
+    loads them as parameters (to train or to export the weights).
     `parts`: the names of the top-level submodules to keep (e.g. a VAE's "decoder" and "post_quant_conv"); the others
     are dropped and their weights not read.
     `dtype` casts floating-point weights (None keeps what the folder stores); quantized layers stay quantized.
@@ -272,7 +274,7 @@ def load_component(folder, dtype=None, shard=None, parts=None):
         for k in dropped:
             del model[k]
     cut = shard(model) if shard is not None else None
-    in_file = _keep_tables_in_file(model, f, dtype) if cut is None else set()
+    in_file = _keep_tables_in_file(model, f, dtype) if cut is None and tables_in_file else set()
     weights = []
     for name in f.keys():
         if name in in_file or name.partition(".")[0] in dropped:

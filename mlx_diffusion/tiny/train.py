@@ -342,7 +342,7 @@ def _load_init(folder: Path, configs: dict, models: dict):
             said = ", ".join(f"{k} {config.get(k)} there, {configs[c].get(k)} here" for k in diff)
             raise click.ClickException(f"--init {folder}: {c} differs from the options' architecture ({said})")
         configs[c] = {**config, "num_layers": layers[1]} if grow else config
-        loaded = float_parameters(load_component(folder / c, dtype=mx.float32))
+        loaded = float_parameters(load_component(folder / c, dtype=mx.float32, tables_in_file=False))
         if grow:
             loaded = tree_unflatten(list(_grow_blocks(dict(tree_flatten(loaded)), dict(tree_flatten(model.parameters())),
                                                       *layers).items()))
