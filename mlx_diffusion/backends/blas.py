@@ -93,20 +93,23 @@ allocator_tuned = False
 
 
 def tune_allocator() -> bool:
-    """Serve large MLX buffers from the heap instead of fresh mmaps.
+    """Serve large MLX buffers from the heap instead of fresh mmaps, and never give the heap back.
 
     glibc mmaps every allocation above 32 MB and unmaps it on free, so each new large MLX array page-faults all of
     its memory in again: ~2 ns per float32 element, about 10x the cost of an elementwise pass over it (measured on
     the VAE's GroupNorm+SiLU at 128-512 channels: 106/206/503 ms -> 23/43/99 ms). Keeping freed blocks in the heap
     (no mmap, no trimming) lets them be reused; the price is that memory freed by one stage stays with the process
-    for the next one instead of returning to the OS.
+    for the next one instead of returning to the OS. Trimming is off with -1 (`man mallopt`): the largest threshold
+    short of that, 2^31 - 1, still gave back the heap's top after a 1024x1024 decode (which frees more than 2 GB),
+    and the next image's first denoising step faulted it in again: 160,000 faults in its GELUs, +2.8 s of a 9.8 s
+    SD3 `block` step on this VM.
     """
     global allocator_tuned
     if allocator_tuned or not sys.platform.startswith("linux") or os.environ.get(MALLOC_ENV_VAR) == "default":
         return allocator_tuned
     try:
         libc = ctypes.CDLL(None)
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         ok = False
     allocator_tuned = ok

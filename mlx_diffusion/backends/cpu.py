@@ -252,6 +252,10 @@ def _host_view(a):
     return x if x.strides[-1] == 4 else np.ascontiguousarray(x)
 
 
+# Scores per task of the native kernel (4 MB: a core's share of the L2/L3 caches); each thread holds that much.
+TASK_SCORES = 1 << 20
+
+
 def _native_attention(q, k, v, scale: float):
     """The native kernel's attention, merged as (B, L, H*D); None where it cannot run here (no kernel, or inside a
     trace that is not `eager_fallback`'s: a gradient, a compile of someone else's)."""
@@ -271,7 +275,7 @@ def _native_attention(q, k, v, scale: float):
     out = np.empty((B, L, H * D), np.float32)
     strides = [(ctypes.c_int64 * 4)(*(s // 4 for s in t.strides))
                for t in (qn, kn, vn, out.reshape(B, L, H, D).transpose(0, 2, 1, 3))]
-    rows = max(16, min(L, (1 << 20) // S))  # ~4 MB of scores per task: a core's share of the L2/L3 caches
+    rows = max(16, min(L, TASK_SCORES // S))
     with _blas_lock:  # one caller at a time changes OpenBLAS's thread count (a web server's workers)
         threads = get_threads()
         set_threads(1)
