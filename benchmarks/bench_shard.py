@@ -3,10 +3,12 @@
 split across 2 local ranks with `generate --shard`'s machinery (`load_pipeline(shard=True)` under mlx.launch).
 
     python benchmarks/bench_shard.py [--bits none|4] [--size 256] [--steps 2] [--preset block]
+    python benchmarks/bench_shard.py --real-shapes    # the share each rank holds of the real FLUX.1 / SD3 Medium
 
-Per process: the transformer's weights held, peak RSS, seconds per denoising step, and the image's difference to the
-one-process image. On one 2-core machine the two ranks share the cores, so the time says nothing of two Macs.
-Prints a table and one JSON line last.
+Per process: the transformer's weights held, peak RSS, text encoding and denoising step seconds, and the image's
+difference to the one-process image. Two sharded runs: as `--shard` works (rank 0 encodes the prompts and sends the
+embeddings) and with every rank encoding them itself, the alternative. On one 2-core machine the two ranks share the
+cores, so the time says nothing of two Macs. Prints a table and one JSON line last.
 """
 
 from __future__ import annotations
@@ -30,16 +32,54 @@ from mlx.utils import tree_flatten
 from mlx_diffusion import load_pipeline
 from mlx_diffusion.pipelines import distributed
 from mlx_diffusion.pipelines.base import peak_rss_gb
-folder, size, steps, shard, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+folder, size, steps, shard, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] != "0", sys.argv[5]
+if sys.argv[4] == "each":  # the alternative to rank 0 encoding the prompts for everyone: each rank encodes them
+    distributed.from_rank_zero = lambda make, *args: make()
 pipe = load_pipeline(folder, progress=False, shard=shard, keep_text_encoders=False)
 image = pipe.generate("a red fox in the snow", seed=1, width=size, height=size, steps=steps, output_type="np")
 held = sum(v.nbytes for _, v in tree_flatten(pipe.model("transformer").parameters()))
 record = {"rank": distributed.rank(), "transformer_gb": held / 2**30, "peak_rss_gb": peak_rss_gb(),
-          "step_seconds": min(pipe.last_stats.step_seconds)}
+          "step_seconds": min(pipe.last_stats.step_seconds), "text_seconds": pipe.last_stats.seconds["text_encoding"]}
 if distributed.rank() == 0:
     np.save(out, image)
 print("RECORD " + json.dumps(record), flush=True)
 """
+
+
+# The real transformers' configs (diffusers' config.json values that differ from our dataclasses' defaults)
+REAL = {"FLUX.1-dev": ("flux", {"guidance_embeds": True}), "FLUX.1-schnell": ("flux", {}),
+        "SD3 Medium": ("sd3", {"num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
+                               "pos_embed_max_size": 192, "sample_size": 128})}
+
+
+def real_shares(ranks=(2, 4, 8)) -> dict:
+    """The transformer's parameters each rank holds under `--shard`, at the real models' shapes: the models are built
+    with unevaluated (never allocated) weights and split by `shard_model` as rank 0 of N would."""
+    from mlx.utils import tree_flatten
+
+    from mlx_diffusion.models.flux import FluxConfig, FluxTransformer2DModel
+    from mlx_diffusion.models.sd3 import SD3Config, SD3Transformer2DModel
+    from mlx_diffusion.pipelines import distributed
+
+    def params(model):
+        return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+    build = {"flux": lambda d: FluxTransformer2DModel(FluxConfig.from_dict(d)),
+             "sd3": lambda d: SD3Transformer2DModel(SD3Config.from_dict(d))}
+    out = {}
+    size, rank = distributed.size, distributed.rank
+    try:
+        for name, (family, config) in REAL.items():
+            whole = params(build[family](config))
+            out[name] = {"params": whole}
+            for n in ranks:
+                distributed.size, distributed.rank = (lambda n=n: n), (lambda: 0)
+                model = build[family](config)
+                distributed.shard_model(model)
+                out[name][n] = params(model) / whole
+    finally:
+        distributed.size, distributed.rank = size, rank
+    return out
 
 
 def main():
@@ -48,7 +88,17 @@ def main():
     p.add_argument("--bits", choices=["none", "4", "8"], default="none")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--real-shapes", action="store_true",
+                   help="only the share of the transformer each rank holds at FLUX.1's and SD3 Medium's real shapes")
     a = p.parse_args()
+    if a.real_shapes:
+        shares = real_shares()
+        print("| transformer | parameters | held per rank, 2 ranks | 4 ranks | 8 ranks |")
+        print("|---|---|---|---|---|")
+        for name, x in shares.items():
+            print(f"| {name} | {x['params'] / 1e9:.2f} B | {x[2]:.1%} | {x[4]:.1%} | {x[8]:.1%} |")
+        print(json.dumps({"real_shapes": shares}))
+        return
     import numpy as np
 
     from mlx_diffusion.convert import convert
@@ -64,26 +114,30 @@ def main():
         (tmp / "worker.py").write_text(WORKER)
         common = [str(folder), str(a.size), str(a.steps)]
         runs = {}
+        ranks = [str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--", sys.executable,
+                 str(tmp / "worker.py"), *common]
         for name, cmd in (("one process", [sys.executable, str(tmp / "worker.py"), *common, "0", str(tmp / "one.npy")]),
-                          ("2 ranks, --shard", [str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
-                                                "--", sys.executable, str(tmp / "worker.py"), *common, "1",
-                                                str(tmp / "two.npy")])):
+                          ("2 ranks, --shard", [*ranks, "1", str(tmp / "two.npy")]),
+                          ("2 ranks, each encodes", [*ranks, "each", str(tmp / "each.npy")])):
             r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
             records = [json.loads(line.split("RECORD ", 1)[1]) for line in r.stdout.splitlines() if "RECORD " in line]
             if not records:
                 sys.exit(f"{name} failed: {r.stderr.strip().splitlines()[-3:]}")
             runs[name] = sorted(records, key=lambda x: x["rank"])
-        diff = float(np.abs(np.load(tmp / "two.npy") - np.load(tmp / "one.npy")).max())
+        one = np.load(tmp / "one.npy")
+        diff = float(np.abs(np.load(tmp / "two.npy") - one).max())
+        diff_each = float(np.abs(np.load(tmp / "each.npy") - one).max())
     print(f"FLUX {a.preset} preset, bits {a.bits}, {a.size}x{a.size}, {a.steps} steps; 2 ranks on this machine")
     print("")
-    print("| | rank | transformer weights held (GB) | peak RSS (GB) | s per step |")
-    print("|---|---|---|---|---|")
+    print("| | rank | transformer weights held (GB) | peak RSS (GB) | text encoding (s) | s per step |")
+    print("|---|---|---|---|---|---|")
     for name, records in runs.items():
         for x in records:
             print(f"| {name} | {x['rank']} | {x['transformer_gb']:.2f} | {x['peak_rss_gb']:.2f} | "
-                  f"{x['step_seconds']:.2f} |")
-    print(f"\nimage max abs difference, sharded vs one process: {diff:.2e}")
-    print(json.dumps({"preset": a.preset, "bits": a.bits, "size": a.size, "runs": runs, "max_abs_diff": diff}))
+                  f"{x['text_seconds']:.2f} | {x['step_seconds']:.2f} |")
+    print(f"\nimage max abs difference, sharded vs one process: {diff:.2e} (each rank encoding: {diff_each:.2e})")
+    print(json.dumps({"preset": a.preset, "bits": a.bits, "size": a.size, "runs": runs, "max_abs_diff": diff,
+                      "max_abs_diff_each_encodes": diff_each}))
 
 
 if __name__ == "__main__":

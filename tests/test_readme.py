@@ -56,6 +56,7 @@ INLINE = {
     "0.1,0.2,0.5,1.0": "tests/test_readme.py::test_step_cache_benchmark_on_a_preset_runs",
     "python benchmarks/profile_step.py --family flux --size 1024": "tests/test_readme.py::test_step_profile_runs",
     "python benchmarks/bench_shard.py": "tests/test_readme.py::test_shard_benchmark_runs",
+    "python benchmarks/bench_shard.py --real-shapes": "tests/test_readme.py::test_shard_shares_at_real_shapes",
     "python benchmarks/profile_step.py --family sd3 --size 1024": "tests/test_readme.py::test_step_profile_runs",
 }
 _HEAD = re.compile(r"^(python3? -m \S+|python3? -c|python3? \S+\.py|mlx-diffusion(-\w+)?( [a-z]+)?)( |$)")
@@ -329,3 +330,15 @@ def test_shard_benchmark_runs():
     one, two = record["runs"]["one process"], record["runs"]["2 ranks, --shard"]
     assert len(one) == 1 and [x["rank"] for x in two] == [0, 1]
     assert all(x["transformer_gb"] < one[0]["transformer_gb"] for x in two) and record["max_abs_diff"] <= 1e-4
+    assert [x["rank"] for x in record["runs"]["2 ranks, each encodes"]] == [0, 1]
+    assert record["max_abs_diff_each_encodes"] <= 1e-4
+
+
+def test_shard_shares_at_real_shapes():
+    """FLUX.1's and SD3 Medium's real parameter counts, and each rank's share under --shard a little above 1/N (the
+    embedders and the output layer stay whole)."""
+    shares = _benchmark_record("bench_shard.py", "--real-shapes", timeout=300)["real_shapes"]
+    assert abs(shares["FLUX.1-dev"]["params"] - 11.90e9) < 0.01e9 and 2.0e9 < shares["SD3 Medium"]["params"] < 2.2e9
+    for x in shares.values():
+        for n in ("2", "4", "8"):
+            assert 1 / int(n) < x[n] < 1 / int(n) + 0.04, (n, x)

@@ -385,7 +385,12 @@ class Pipeline:
         mx.reset_peak_memory()
 
         t0 = time.perf_counter()
-        cond = self.encode(batch)
+        if self.shard:  # every rank makes the same images: rank 0 encodes the prompts, the others receive them
+            from .distributed import from_rank_zero
+
+            cond = from_rank_zero(lambda: self.encode(batch))
+        else:
+            cond = self.encode(batch)
         stats.seconds["text_encoding"] = time.perf_counter() - t0
 
         first = 0

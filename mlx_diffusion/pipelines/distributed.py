@@ -14,13 +14,14 @@ exchanged.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..backends import cpu
 from ..errors import InputError
@@ -61,11 +62,11 @@ def _timeout() -> float:
         return 120.0
 
 
-def _bounded(what: str, fn, rank_name: str | None = None):
-    """fn() (a collective, evaluated, or the group's start) with a deadline. MLX may wait inside such a call without
-    letting other Python threads run, so the deadline is kept by a small shell process: past it, it prints the
-    message and ends this process."""
-    timeout = _timeout()
+def _bounded(what: str, fn, rank_name: str | None = None, patience: float = 1.0):
+    """fn() (a collective, evaluated, or the group's start) with a deadline (`patience` times the configured one).
+    MLX may wait inside such a call without letting other Python threads run, so the deadline is kept by a small
+    shell process: past it, it prints the message and ends this process."""
+    timeout = _timeout() * patience
     who = f"rank {rank_name}" if rank_name is not None else f"rank {rank()} of {size()}"
     message = (f"Error: {who}: no answer from the other ranks in {timeout:g} s while {what}; did one of them fail "
                "or not start?")
@@ -90,6 +91,41 @@ def agree(values: list[int]) -> list[int]:
         return list(values)
     mine = mx.array(values if rank() == 0 else [0] * len(values), dtype=mx.uint32)
     return [int(v) for v in _bounded("agreeing on seeds", lambda: mx.distributed.all_sum(mine)).tolist()]
+
+
+# Rank 0's prompt encoding may include loading the text encoders (T5-XXL: ~10 GB from disk), so the others wait for
+# it longer than for a plain exchange; a rank 0 that fails ends its connections, which the others see at once.
+ENCODING_PATIENCE = 10
+
+
+def from_rank_zero(make, what: str = "waiting for rank 0's prompt encoding"):
+    """`make()` run on rank 0 only and its arrays (a tree of dicts, lists and tuples; tuples come back as lists) sent to
+    every rank, bit for bit: each array is summed with zeros from the others. Under `--shard` this keeps the text
+    encoders on rank 0 alone, so no other rank loads or runs them."""
+    if size() == 1:
+        return make()
+    if rank() == 0:
+        flat = tree_flatten(make())
+        if not all(isinstance(v, mx.array) for _, v in flat):
+            raise TypeError("from_rank_zero: only trees of arrays can be sent")
+        header = json.dumps([[k, v.shape, str(v.dtype).rpartition(".")[2]] for k, v in flat]).encode()
+    else:
+        flat, header = None, b""
+    length = _bounded(what, lambda: mx.distributed.all_sum(mx.array([len(header)], mx.int32)), patience=ENCODING_PATIENCE)
+    mine = np.zeros(int(length.item()), np.int32)
+    mine[: len(header)] = np.frombuffer(header, np.uint8)
+    header = bytes(_bounded("receiving prompt embeddings", lambda: mx.distributed.all_sum(mx.array(mine))).tolist())
+    layout = json.loads(header.decode()) if flat is None else None
+    arrays = [v for _, v in flat] if flat is not None else [mx.zeros(shape, getattr(mx, dtype)) for _, shape, dtype in layout]
+
+    def send():
+        out = [mx.distributed.all_sum(a) for a in arrays]
+        mx.eval(out)
+        return out
+
+    received = _bounded("receiving prompt embeddings", send)
+    keys = [k for k, _ in flat] if flat is not None else [k for k, _, _ in layout]
+    return tree_unflatten(list(zip(keys, received)))
 
 
 def fingerprint(folder: Path | None) -> bytes:

@@ -2,6 +2,7 @@
 one-process run's; rank 0's random seeds are everyone's; a rank holding another model, or a rank that died, ends
 every rank with a message instead of a hang."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +52,17 @@ def test_random_seeds_are_rank_zeros(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     files = sorted(tmp_path.glob("image-*.png"))
     assert len(files) == 3 == len(set(r.stdout.split()))  # three seeds in all, not three per rank
+
+
+def test_a_hostfile_as_the_readme_shows_it(tmp_path):
+    """The README's two-Mac hostfile, with this machine as both Macs (mlx.launch runs 127.0.0.1 without ssh)."""
+    host = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}
+    (tmp_path / "hosts.json").write_text(json.dumps([host, host]))
+    r = subprocess.run([LAUNCH, "--backend", "ring", "--hostfile", "hosts.json", "--", sys.executable, "-m",
+                        "mlx_diffusion.generate", "--prompt", "a red circle", "--seed", "1,2", "--steps", "2", "--quiet",
+                        "-o", "circle-{seed}.png"], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert sorted(r.stdout.split()) == ["circle-1.png", "circle-2.png"], r.stdout + r.stderr
 
 
 SCRIPT = """
@@ -148,8 +160,11 @@ from mlx_diffusion.pipelines import distributed
 from mlx.utils import tree_flatten
 pipe = load_pipeline(sys.argv[1], progress=False, shard=sys.argv[2] == "shard")
 size = {} if sys.argv[1] == "built-in" else dict(width=48, height=32)
+loaded, load = set(), pipe.model
+pipe.model = lambda component: loaded.add(component) or load(component)
 image = pipe.generate("a red fox", seed=4, steps=2, output_type="np", **size)
-held = sum(v.nbytes for _, v in tree_flatten(pipe.model("transformer").parameters()))
+print("encoders", distributed.rank(), sorted(c for c in loaded if c.startswith("text_encoder")))
+held = sum(v.nbytes for _, v in tree_flatten(load("transformer").parameters()))
 print("held", distributed.rank(), held)
 if distributed.rank() == 0:
     np.save(sys.argv[3], image)
@@ -172,6 +187,36 @@ def test_a_sharded_transformer_is_within_the_parity_bound(flux_four_heads, model
     whole = int(r.stdout.split()[-1])
     held = [int(line.split()[-1]) for line in sharded.stdout.splitlines() if line.startswith("held")]
     assert len(held) == 2 and held[0] == held[1] and 0.5 * whole < held[0] < 0.8 * whole, (held, whole)
+    # the prompts are encoded once, on rank 0, and the embeddings sent to the other rank
+    encoders = dict(line.split(" ", 2)[1:] for line in sharded.stdout.splitlines() if line.startswith("encoders"))
+    assert encoders["1"] == "[]" and "text_encoder" in encoders["0"], encoders
+
+
+TREE_SCRIPT = """
+import mlx_diffusion
+import mlx.core as mx
+from mlx_diffusion.pipelines import distributed
+
+def make():
+    assert distributed.rank() == 0, "only rank 0 makes it"
+    k = mx.random.key(3)
+    return {"pos": (mx.random.normal((2, 5, 3), key=k), mx.arange(4, dtype=mx.int32)),
+            "neg": [mx.random.normal((1, 7), key=k).astype(mx.bfloat16)]}
+
+tree = distributed.from_rank_zero(make)
+for key in ("pos", "neg"):
+    for a in tree[key]:
+        print("got", distributed.rank(), key, a.dtype, a.shape, a.astype(mx.float32).reshape(-1).tolist())
+"""
+
+
+def test_rank_zeros_arrays_reach_every_rank_bit_for_bit(tmp_path):
+    (tmp_path / "x.py").write_text(TREE_SCRIPT)
+    r = launch("x.py", cwd=tmp_path, timeout=120)
+    got = [line.split(" ", 2) for line in r.stdout.splitlines() if line.startswith("got")]
+    by_rank = {rank: [rest for _, r_, rest in got if r_ == rank] for rank in ("0", "1")}
+    assert len(by_rank["0"]) == 3 and by_rank["0"] == by_rank["1"], r.stdout + r.stderr
+    assert "mlx.core.bfloat16 (1, 7)" in r.stdout and "mlx.core.int32 (4,) [0.0, 1.0, 2.0, 3.0]" in r.stdout
 
 
 def test_shard_outside_mlx_launch_is_refused(flux_four_heads, tmp_path):
