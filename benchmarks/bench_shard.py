@@ -46,15 +46,33 @@ print("RECORD " + json.dumps(record), flush=True)
 """
 
 
-# The real transformers' configs (diffusers' config.json values that differ from our dataclasses' defaults)
-REAL = {"FLUX.1-dev": ("flux", {"guidance_embeds": True}), "FLUX.1-schnell": ("flux", {}),
+# The real transformers' configs (diffusers' config.json values that differ from our dataclasses' defaults), and a
+# 1024x1024 image's tokens: (image, text, images per transformer call: 2 with SD3's guidance)
+REAL = {"FLUX.1-dev": ("flux", {"guidance_embeds": True}, (4096, 512, 1)),
+        "FLUX.1-schnell": ("flux", {}, (4096, 256, 1)),
         "SD3 Medium": ("sd3", {"num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
-                               "pos_embed_max_size": 192, "sample_size": 128})}
+                               "pos_embed_max_size": 192, "sample_size": 128}, (4096, 77 + 256, 2))}
+
+
+def summed_per_step(model, tokens) -> int:
+    """Values all_summed per denoising step by the sharded model's ShardedToAll layers: each sums a (batch, tokens,
+    out) product; which tokens, the layer's name says (the text stream's, the image stream's, or both in FLUX's
+    single blocks)."""
+    from mlx_diffusion.pipelines import distributed
+
+    image, text, batch = tokens
+    total = 0
+    for name, layer in model.named_modules():
+        if isinstance(layer, (distributed.ShardedToAllLinear, distributed.ShardedToAllQuantizedLinear)):
+            n = image + text if name.startswith("single_") else text if ("add_out" in name or "context" in name) else image
+            total += batch * n * distributed._dims(layer)[0]
+    return total
 
 
 def real_shares(ranks=(2, 4, 8)) -> dict:
-    """The transformer's parameters each rank holds under `--shard`, at the real models' shapes: the models are built
-    with unevaluated (never allocated) weights and split by `shard_model` as rank 0 of N would."""
+    """The transformer's parameters each rank holds under `--shard`, at the real models' shapes (the models are built
+    with unevaluated, never allocated, weights and split by `shard_model` as rank 0 of N would), and the values each
+    step sums across the ranks at 1024x1024."""
     from mlx.utils import tree_flatten
 
     from mlx_diffusion.models.flux import FluxConfig, FluxTransformer2DModel
@@ -69,7 +87,7 @@ def real_shares(ranks=(2, 4, 8)) -> dict:
     out = {}
     size, rank = distributed.size, distributed.rank
     try:
-        for name, (family, config) in REAL.items():
+        for name, (family, config, tokens) in REAL.items():
             whole = params(build[family](config))
             out[name] = {"params": whole}
             for n in ranks:
@@ -77,6 +95,7 @@ def real_shares(ranks=(2, 4, 8)) -> dict:
                 model = build[family](config)
                 distributed.shard_model(model)
                 out[name][n] = params(model) / whole
+            out[name]["summed_per_step"] = summed_per_step(model, tokens)
     finally:
         distributed.size, distributed.rank = size, rank
     return out
@@ -93,10 +112,12 @@ def main():
     a = p.parse_args()
     if a.real_shapes:
         shares = real_shares()
-        print("| transformer | parameters | held per rank, 2 ranks | 4 ranks | 8 ranks |")
-        print("|---|---|---|---|---|")
+        print("| transformer | parameters | held per rank, 2 ranks | 4 ranks | 8 ranks | summed per step, 1024x1024 |")
+        print("|---|---|---|---|---|---|")
         for name, x in shares.items():
-            print(f"| {name} | {x['params'] / 1e9:.2f} B | {x[2]:.1%} | {x[4]:.1%} | {x[8]:.1%} |")
+            print(f"| {name} | {x['params'] / 1e9:.2f} B | {x[2]:.1%} | {x[4]:.1%} | {x[8]:.1%} | "
+                  f"{x['summed_per_step'] / 1e9:.2f} G values ({x['summed_per_step'] * 2 / 2**30:.2f} GiB in bf16) |")
+        print("\n(a ring all_sum of N ranks sends and receives 2(N-1)/N of the summed bytes per rank)")
         print(json.dumps({"real_shapes": shares}))
         return
     import numpy as np

@@ -342,3 +342,38 @@ def test_shard_shares_at_real_shapes():
     for x in shares.values():
         for n in ("2", "4", "8"):
             assert 1 / int(n) < x[n] < 1 / int(n) + 0.04, (n, x)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_the_shard_benchmarks_count_is_what_a_sharded_step_sums(family, monkeypatch):
+    """bench_shard's values summed per step (from the layers' names) against the all_sums a sharded tiny transformer
+    makes in a call (rank 0 of 2, the other rank's gathered halves played by this one's)."""
+    import mlx.core as mx
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_shard
+    from mlx_diffusion.models.flux import FluxConfig, FluxTransformer2DModel
+    from mlx_diffusion.models.sd3 import SD3Config, SD3Transformer2DModel
+    from mlx_diffusion.pipelines import distributed
+    from mlx_diffusion.pipelines.flux import prepare_ids
+
+    monkeypatch.setattr(distributed, "size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    common = dict(num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                  pooled_projection_dim=16)
+    if family == "flux":
+        model = FluxTransformer2DModel(FluxConfig(**common, num_single_layers=2, in_channels=16, axes_dims_rope=(2, 2, 4)))
+        img_ids, txt_ids = prepare_ids(4, 6, 5)
+        args = (mx.zeros((1, 24, 16)), mx.ones((1, 5, 32)), mx.ones((1, 16)), mx.ones((1,)), img_ids, txt_ids)
+        tokens = (24, 5, 1)
+    else:
+        model = SD3Transformer2DModel(SD3Config(**common, caption_projection_dim=32, in_channels=4, out_channels=4,
+                                                pos_embed_max_size=16, sample_size=8))
+        args = (mx.zeros((2, 4, 8, 12)), mx.ones((2, 5, 32)), mx.ones((2, 16)), mx.ones((2,)))
+        tokens = (24, 5, 2)
+    distributed.shard_model(model)
+    summed = []
+    monkeypatch.setattr(mx.distributed, "all_sum", lambda x, group=None: summed.append(x.size) or x)
+    monkeypatch.setattr(mx.distributed, "all_gather", lambda x, group=None: mx.concatenate([x, x]))
+    mx.eval(model(*args))
+    assert summed and sum(summed) == bench_shard.summed_per_step(model, tokens)
