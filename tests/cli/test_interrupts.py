@@ -74,8 +74,11 @@ def _script(tmp_path, where: str) -> Path:
 
 
 def _interrupt(tmp_path, where, sig, args):
+    # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell
+    # inherits it ignored, and Python then leaves it so (as it should for a user's `command &`)
     p = subprocess.Popen([sys.executable, str(_script(tmp_path, where)), *map(str, args)], stderr=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         stdout=subprocess.DEVNULL, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in p.stderr:
         seen.append(line)
