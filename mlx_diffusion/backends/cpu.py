@@ -111,9 +111,46 @@ def _gelu_tanh_fused(x):
     return half_x + half_x * (num / den)
 
 
+# From this many values an activation runs in the native kernel (`elementwise.c`, every core, vectorised) when its
+# input can be evaluated (not inside a trace): FLUX's and SD3's MLPs at 256x256 and up; below, MLX's fused kernel.
+NATIVE_MIN_ELEMENTS = 1 << 20
+
+
+@functools.cache
+def _native_gelu_tanh_kernel():
+    lib = native.load("elementwise")
+    if lib is None:
+        return None
+    fn = lib.md_gelu_tanh
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return fn
+
+
+def _native_gelu_tanh(x):
+    """The native kernel's GELU, or None where it cannot run (no kernel; inside a trace, which cannot evaluate x)."""
+    fn = _native_gelu_tanh_kernel()
+    if fn is None:
+        return None
+    try:
+        mx.eval(x)
+    except ValueError:  # "[eval] Attempting to eval an array during function transformations ..."
+        return None
+    xn = np.ascontiguousarray(np.asarray(x))
+    out = np.empty_like(xn)
+    fn(xn.ctypes.data, out.ctypes.data, xn.size)
+    return mx.array(out)
+
+
 def gelu_tanh(x):
     """torch's GELU(approximate="tanh"); max abs error ~1e-6 with the rational tanh (CPU, float32)."""
-    return _gelu_tanh_fused(x) if _fast(x) else nn.gelu_approx(x)
+    if not _fast(x):
+        return nn.gelu_approx(x)
+    if x.size >= NATIVE_MIN_ELEMENTS:
+        out = _native_gelu_tanh(x)
+        if out is not None:
+            return out
+    return _gelu_tanh_fused(x)
 
 
 # erf as XLA's and Eigen's float erf: x * P(x^2) / Q(x^2) on [-4, 4] (erf is 1 - 1.5e-8 at 4), max abs error ~4e-7
