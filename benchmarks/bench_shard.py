@@ -64,7 +64,8 @@ def summed_per_step(model, tokens) -> int:
     total = 0
     for name, layer in model.named_modules():
         if isinstance(layer, (distributed.ShardedToAllLinear, distributed.ShardedToAllQuantizedLinear)):
-            n = image + text if name.startswith("single_") else text if ("add_out" in name or "context" in name) else image
+            text_only = "add_out" in name or "context" in name
+            n = image + text if name.startswith("single_") else text if text_only else image
             total += batch * n * distributed._dims(layer)[0]
     return total
 

@@ -362,7 +362,8 @@ def test_the_shard_benchmarks_count_is_what_a_sharded_step_sums(family, monkeypa
     common = dict(num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
                   pooled_projection_dim=16)
     if family == "flux":
-        model = FluxTransformer2DModel(FluxConfig(**common, num_single_layers=2, in_channels=16, axes_dims_rope=(2, 2, 4)))
+        model = FluxTransformer2DModel(FluxConfig(**common, num_single_layers=2, in_channels=16,
+                                                  axes_dims_rope=(2, 2, 4)))
         img_ids, txt_ids = prepare_ids(4, 6, 5)
         args = (mx.zeros((1, 24, 16)), mx.ones((1, 5, 32)), mx.ones((1, 16)), mx.ones((1,)), img_ids, txt_ids)
         tokens = (24, 5, 1)

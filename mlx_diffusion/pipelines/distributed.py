@@ -104,28 +104,29 @@ def from_rank_zero(make, what: str = "waiting for rank 0's prompt encoding"):
     encoders on rank 0 alone, so no other rank loads or runs them."""
     if size() == 1:
         return make()
+    header = b""
     if rank() == 0:
         flat = tree_flatten(make())
         if not all(isinstance(v, mx.array) for _, v in flat):
             raise TypeError("from_rank_zero: only trees of arrays can be sent")
         header = json.dumps([[k, v.shape, str(v.dtype).rpartition(".")[2]] for k, v in flat]).encode()
-    else:
-        flat, header = None, b""
-    length = _bounded(what, lambda: mx.distributed.all_sum(mx.array([len(header)], mx.int32)), patience=ENCODING_PATIENCE)
+    # the layout (names, shapes, dtypes) as JSON bytes, its length first; then the arrays
+    length = _bounded(what, lambda: mx.distributed.all_sum(mx.array([len(header)], mx.int32)),
+                      patience=ENCODING_PATIENCE)
     mine = np.zeros(int(length.item()), np.int32)
     mine[: len(header)] = np.frombuffer(header, np.uint8)
-    header = bytes(_bounded("receiving prompt embeddings", lambda: mx.distributed.all_sum(mx.array(mine))).tolist())
-    layout = json.loads(header.decode()) if flat is None else None
-    arrays = [v for _, v in flat] if flat is not None else [mx.zeros(shape, getattr(mx, dtype)) for _, shape, dtype in layout]
+    layout = json.loads(bytes(_bounded("receiving prompt embeddings",
+                                       lambda: mx.distributed.all_sum(mx.array(mine))).tolist()))
+    if rank() != 0:
+        flat = [(k, mx.zeros(shape, getattr(mx, dtype))) for k, shape, dtype in layout]
 
     def send():
-        out = [mx.distributed.all_sum(a) for a in arrays]
+        out = [mx.distributed.all_sum(v) for _, v in flat]
         mx.eval(out)
         return out
 
     received = _bounded("receiving prompt embeddings", send)
-    keys = [k for k, _ in flat] if flat is not None else [k for k, _, _ in layout]
-    return tree_unflatten(list(zip(keys, received)))
+    return tree_unflatten([(k, v) for (k, _), v in zip(flat, received)])
 
 
 def fingerprint(folder: Path | None) -> bytes:
