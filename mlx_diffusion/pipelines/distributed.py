@@ -4,10 +4,11 @@ TCP or Thunderbolt, MPI, JACCL), no engine of ours.
 Data parallel (the default): rank r makes the images r, r + N, r + 2N, ... of the command's list (N ranks) and writes
 them itself, so the files are those of a one-process run, each on the machine of the rank that made it. Tensor
 parallel (`shard_model`, `--shard`): every rank makes every image with its share of the transformer's heads, MLP
-width and modulations, read from the file as slices, and rank 0 writes them. The ranks talk only at the start:
-rank 0's random seeds become everyone's, and every rank checks that all hold the same model. Each such exchange has
-a deadline (`MLX_DIFFUSION_COLLECTIVE_TIMEOUT`, default 120 s): a rank whose partners died or never started ends
-with a one-line message instead of waiting for ever. Outside `mlx.launch` the group has one rank and nothing is
+width and modulations, read from the file as slices; rank 0 alone encodes the prompts and sends the embeddings
+(`from_rank_zero`), the layers' partial sums are exchanged in every step, and rank 0 writes the images. Before
+that, rank 0's random seeds become everyone's, and every rank checks that all hold the same model. Each exchange
+outside the transformer has a deadline (`MLX_DIFFUSION_COLLECTIVE_TIMEOUT`, default 120 s): a rank whose partners
+died or never started ends with a one-line message instead of waiting for ever. Outside `mlx.launch` the group has one rank and nothing is
 exchanged.
 """
 
