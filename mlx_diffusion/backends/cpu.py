@@ -502,6 +502,11 @@ def materialize(x):
     return x.full() if isinstance(x, Rows) else x
 
 
+def rows_of(x, a: int, b: int):
+    """Rows [a, b) of an NHWC array or `Rows`."""
+    return x.rows(a, b) if isinstance(x, Rows) else x[:, a:b]
+
+
 def group_norm(x, weight, bias, groups: int, eps: float, act: bool = False, rows: bool = False):
     """torch.nn.GroupNorm on NHWC `x` (statistics over H, W and each group's channels), followed by SiLU when `act`.
 
@@ -595,8 +600,7 @@ def _padded_rows(x, a: int, b: int, cols: tuple):
     lo, hi = min(max(a - 1, 0), H), min(max(b - 1, 0), H)
     if hi <= lo:
         return mx.zeros((B, b - a, W + sum(cols), C), dtype=x.dtype)
-    part = x.rows(lo, hi) if isinstance(x, Rows) else x[:, lo:hi]
-    return mx.pad(part, [(0, 0), (lo - (a - 1), (b - 1) - hi), cols, (0, 0)])
+    return mx.pad(rows_of(x, lo, hi), [(0, 0), (lo - (a - 1), (b - 1) - hi), cols, (0, 0)])
 
 
 def _conv3x3_shifted(x, weight, bias):
@@ -648,8 +652,7 @@ def conv3x3(x, weight, bias, upsample: bool = False, residual=None):
         if residual is None:
             return y
         a, b = _M * t0, min(_M * t1, f * H)  # the band's output rows, less the last band's ragged tile rows
-        r = residual.rows(a, b) if isinstance(residual, Rows) else residual[:, a:b]
-        r = mx.pad(r, [(0, 0), (0, _M * (t1 - t0) - (b - a)), (0, _M * ns - f * W), (0, 0)])
+        r = mx.pad(rows_of(residual, a, b), [(0, 0), (0, _M * (t1 - t0) - (b - a)), (0, _M * ns - f * W), (0, 0)])
         return y + r.reshape(B, t1 - t0, _M, ns, _M, O)
 
     rows = max(1, BAND_ELEMENTS // (_T * _T * B * ns * max(C, O)))

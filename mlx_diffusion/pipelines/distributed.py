@@ -8,8 +8,8 @@ width and modulations, read from the file as slices; rank 0 alone encodes the pr
 (`from_rank_zero`), the layers' partial sums are exchanged in every step, and rank 0 writes the images. Before
 that, rank 0's random seeds become everyone's, and every rank checks that all hold the same model. Each exchange
 outside the transformer has a deadline (`MLX_DIFFUSION_COLLECTIVE_TIMEOUT`, default 120 s): a rank whose partners
-died or never started ends with a one-line message instead of waiting for ever. Outside `mlx.launch` the group has one rank and nothing is
-exchanged.
+died or never started ends with a one-line message instead of waiting for ever. Outside `mlx.launch` the group has
+one rank and nothing is exchanged.
 """
 
 from __future__ import annotations
@@ -86,12 +86,12 @@ def _bounded(what: str, fn, rank_name: str | None = None, patience: float = 1.0)
         watchdog.wait()
 
 
-def agree(values: list[int]) -> list[int]:
-    """Rank 0's unsigned 32-bit values (e.g. random seeds), on every rank."""
+def agree(values: list[int], what: str = "agreeing on seeds", patience: float = 1.0) -> list[int]:
+    """Rank 0's unsigned 32-bit values (e.g. random seeds), on every rank; the others give as many (any values)."""
     if size() == 1:
         return list(values)
     mine = mx.array(values if rank() == 0 else [0] * len(values), dtype=mx.uint32)
-    return [int(v) for v in _bounded("agreeing on seeds", lambda: mx.distributed.all_sum(mine)).tolist()]
+    return [int(v) for v in _bounded(what, lambda: mx.distributed.all_sum(mine), patience=patience).tolist()]
 
 
 # Rank 0's prompt encoding may include loading the text encoders (T5-XXL: ~10 GB from disk), so the others wait for
@@ -112,12 +112,8 @@ def from_rank_zero(make, what: str = "waiting for rank 0's prompt encoding"):
             raise TypeError("from_rank_zero: only trees of arrays can be sent")
         header = json.dumps([[k, v.shape, str(v.dtype).rpartition(".")[2]] for k, v in flat]).encode()
     # the layout (names, shapes, dtypes) as JSON bytes, its length first; then the arrays
-    length = _bounded(what, lambda: mx.distributed.all_sum(mx.array([len(header)], mx.int32)),
-                      patience=ENCODING_PATIENCE)
-    mine = np.zeros(int(length.item()), np.int32)
-    mine[: len(header)] = np.frombuffer(header, np.uint8)
-    layout = json.loads(bytes(_bounded("receiving prompt embeddings",
-                                       lambda: mx.distributed.all_sum(mx.array(mine))).tolist()))
+    (length,) = agree([len(header)], what, patience=ENCODING_PATIENCE)
+    layout = json.loads(bytes(agree(list(header) or [0] * length, "receiving prompt embeddings")))
     if rank() != 0:
         flat = [(k, mx.zeros(shape, getattr(mx, dtype))) for k, shape, dtype in layout]
 
